@@ -1,0 +1,50 @@
+"""Shared fixtures: the one place that locates ``../shared``."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _shared_candidates() -> list[Path]:
+    env = os.environ.get("HSF_BIDS_SHARED")
+    return [Path(env)] if env else [REPO.parent / "shared"]
+
+
+@pytest.fixture(scope="session")
+def shared_dir() -> Path:
+    """The read-only shared material (``$HSF_BIDS_SHARED``, else ``../shared``).
+
+    Absent: a failure under CI=true, a skip elsewhere.
+    """
+    for path in _shared_candidates():
+        if (path / "README.md").is_file():
+            return path
+    reason = f"shared material not found at {_shared_candidates()[0]} (set HSF_BIDS_SHARED)"
+    if os.environ.get("CI", "").lower() == "true":
+        pytest.fail(reason)
+    pytest.skip(reason)
+
+
+@pytest.fixture(scope="session")
+def demo_hub(shared_dir: Path) -> Path:
+    """The demo models' hub YAML (three small U-Nets in the HSF contract)."""
+    return shared_dir / "models" / "demo" / "demo.yaml"
+
+
+@pytest.fixture(scope="session")
+def ds_mini(shared_dir: Path) -> Path:
+    """The small BIDS dataset of real heads."""
+    return shared_dir / "data" / "bids" / "ds-mini"
+
+
+@pytest.fixture(scope="session")
+def templateflow_home(shared_dir: Path) -> Path:
+    """A ready TemplateFlow home; exported so TemplateFlow downloads nothing."""
+    home = shared_dir / "data" / "templateflow"
+    os.environ["TEMPLATEFLOW_HOME"] = str(home)
+    return home
