@@ -1,0 +1,214 @@
+"""``hsf-bids-models``: list, fetch and verify the model files of presets and hub files.
+
+Exit codes: 0 success; 1 a checksum mismatch (or, for ``verify`` of one preset, a missing file);
+64 usage error (bad option, unknown preset); 65 invalid hub file; 66 hub file or one of its local
+model files missing; 74 network or I/O error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from hsf_bids.hub.cache import (
+    MODELS_DIR_ENV,
+    FileState,
+    ModelsMissingError,
+    ensure_models,
+    fetch_command,
+    resolve_models_dir,
+    verify_models,
+)
+from hsf_bids.hub.download import ChecksumError, DownloadError
+from hsf_bids.hub.presets import (
+    DEFAULT_PRESET,
+    HubError,
+    HubNotFoundError,
+    Preset,
+    UnknownPresetError,
+    list_presets,
+    load_hub,
+    load_preset,
+)
+
+EXIT_OK = 0
+EXIT_CHECKSUM = 1
+EXIT_USAGE = 64
+EXIT_DATAERR = 65
+EXIT_NOINPUT = 66
+EXIT_IOERR = 74
+
+PROG = "hsf-bids-models"
+
+
+class _UsageError(Exception):
+    pass
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # noqa: D102 - argparse hook
+        raise _UsageError(f"{self.prog}: error: {message} (see --help)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser (subcommands list, fetch, verify)."""
+    parser = _Parser(
+        prog=PROG,
+        description="List, download and verify the model files of hsf_bids presets and hub files.",
+        epilog=(
+            f"Models folder: --models-dir, else ${MODELS_DIR_ENV}, else the per-user cache "
+            "folder. Exit codes: 0 ok, 1 checksum mismatch/missing file, 64 usage error, "
+            "65 invalid hub file, 66 hub file missing, 74 network or I/O error."
+        ),
+    )
+    sub = parser.add_subparsers(dest="command", metavar="{list,fetch,verify}", parser_class=_Parser)
+    sub.required = True
+    helps = {
+        "list": "show presets, their model files, checksums and cache state (no network)",
+        "fetch": "download the missing or corrupt model files",
+        "verify": "re-hash the cached model files",
+    }
+    for name, help_text in helps.items():
+        cmd = sub.add_parser(name, help=help_text, description=help_text)
+        choice = cmd.add_mutually_exclusive_group()
+        choice.add_argument("--preset", metavar="NAME", help=f"one of: {', '.join(list_presets())}")
+        choice.add_argument("--hub", metavar="FILE", type=Path, help="a hub YAML file")
+        choice.add_argument("--all", action="store_true", help="every shipped preset")
+        cmd.add_argument(
+            "--models-dir", metavar="DIR", type=Path, help="the models folder (see below)"
+        )
+        if name == "fetch":
+            cmd.add_argument(
+                "--no-progress", action="store_true", help="no progress bar (default: on a TTY)"
+            )
+        if name != "list":
+            cmd.epilog = (
+                f"Without --preset, --hub or --all: the default preset {DEFAULT_PRESET}."
+                + (
+                    " With --all, missing files are reported but only corrupt ones fail."
+                    if name == "verify"
+                    else ""
+                )
+            )
+    return parser
+
+
+def _selected(args: argparse.Namespace, default_all: bool) -> list[Preset]:
+    if args.hub is not None:
+        return [load_hub(args.hub)]
+    if args.preset is not None:
+        return [load_preset(args.preset)]
+    if getattr(args, "all", False) or default_all:
+        return [load_preset(name) for name in list_presets()]
+    return [load_preset(DEFAULT_PRESET)]
+
+
+def _size(size: int | None) -> str:
+    return "size unknown" if size is None else f"{size / 1e6:.1f} MB ({size} bytes)"
+
+
+def _cmd_list(args: argparse.Namespace, models_dir: Path) -> int:
+    presets = _selected(args, default_all=True)
+    print(f"models folder: {models_dir}")
+    for preset in presets:
+        tta = (
+            f"TTA on, {preset.test_time_num_aug} augmentations"
+            if preset.test_time_augmentation
+            else "TTA off"
+        )
+        label = preset.name if preset.builtin else f"{preset.name} (hub file {preset.source})"
+        print()
+        print(label)
+        print(
+            f"  version {preset.version or '-'}, ca_mode {preset.ca_mode!r}, {tta}, "
+            f"{len(preset.models)} model(s), contrasts {', '.join(preset.contrasts)}"
+            + (f", engine {preset.engine}" if preset.engine else "")
+        )
+        if preset.description:
+            print(f"  {preset.description}")
+        for status in verify_models(preset, models_dir):
+            model = status.model
+            where = "local file" if model.local_path is not None else "cached"
+            state = {
+                FileState.VERIFIED: f"{where}, verified",
+                FileState.CORRUPT: f"{where} but corrupt (xxh3_64 {status.got})",
+                FileState.MISSING: "missing",
+            }[status.state]
+            print(f"  - {model.name}  xxh3_64 {model.xxh3_64}  {_size(model.size)}  [{state}]")
+            print(f"      url:  {model.url}")
+            print(f"      path: {status.path}")
+    return EXIT_OK
+
+
+def _cmd_fetch(args: argparse.Namespace, models_dir: Path) -> int:
+    progress = False if args.no_progress else None
+    for preset in _selected(args, default_all=False):
+        paths = ensure_models(preset, models_dir, offline=False, progress=progress)
+        print(f"{preset.name}: {len(paths)} model file(s) present and verified")
+        for path in paths:
+            print(f"  {path}")
+    return EXIT_OK
+
+
+def _cmd_verify(args: argparse.Namespace, models_dir: Path) -> int:
+    strict_missing = not args.all
+    failed = False
+    presets = _selected(args, default_all=False)
+    for preset in presets:
+        for status in verify_models(preset, models_dir):
+            model = status.model
+            if status.state is FileState.VERIFIED:
+                print(f"OK       {preset.name}: {model.name}  {status.path}")
+            elif status.state is FileState.CORRUPT:
+                failed = True
+                print(
+                    f"CORRUPT  {preset.name}: {model.name}  xxh3_64 {status.got}, expected "
+                    f"{model.xxh3_64}  {status.path}"
+                )
+            else:
+                failed = failed or strict_missing
+                print(f"MISSING  {preset.name}: {model.name}  {status.path}")
+    if failed:
+        again = (
+            fetch_command(presets[0], models_dir) if len(presets) == 1 else f"{PROG} fetch --all"
+        )
+        print(f"{PROG}: verification failed; fetch again with: {again}", file=sys.stderr)
+        return EXIT_CHECKSUM
+    return EXIT_OK
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command; returns the exit code (see the module docstring)."""
+    try:
+        args = build_parser().parse_args(argv)
+    except _UsageError as exc:
+        print(exc, file=sys.stderr)
+        return EXIT_USAGE
+    commands = {"list": _cmd_list, "fetch": _cmd_fetch, "verify": _cmd_verify}
+    try:
+        models_dir = resolve_models_dir(args.models_dir)
+        return commands[args.command](args, models_dir)
+    except UnknownPresetError as exc:
+        code, message = EXIT_USAGE, str(exc)
+    except HubNotFoundError as exc:
+        code, message = EXIT_NOINPUT, str(exc)
+    except HubError as exc:
+        code, message = EXIT_DATAERR, str(exc)
+    except ChecksumError as exc:
+        code, message = EXIT_CHECKSUM, str(exc)
+    except ModelsMissingError as exc:
+        code, message = EXIT_NOINPUT, str(exc).replace("\n", " ")
+    except DownloadError as exc:
+        code, message = EXIT_IOERR, str(exc)
+    except OSError as exc:
+        code, message = EXIT_IOERR, f"{exc.filename or ''}: {exc.strerror or exc}".lstrip(": ")
+    except KeyboardInterrupt:
+        code, message = 130, "interrupted"
+    print(f"{PROG}: error: {message}", file=sys.stderr)
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())
