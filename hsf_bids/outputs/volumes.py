@@ -1,0 +1,291 @@
+"""Subfield volumes from a bilateral segmentation on the native grid, and the volumes table.
+
+Volumes are voxel counts times the voxel volume of the grid the labels are on (no resampling), so
+they are exact for the segmentation as written. The table has one row per side and structure of the
+``ca_mode`` (zero-volume structures included) plus a whole-hippocampus row per side.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from os import PathLike
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pandas as pd
+
+from hsf_bids.outputs.derivatives import (
+    Entities,
+    GridError,
+    sidecar_path,
+    write_json,
+    write_tsv,
+)
+from hsf_bids.outputs.lut import CA_MODES, RIGHT_OFFSET, SIDES, bilateral_index, structures
+
+__all__ = [
+    "COLUMNS",
+    "TEMPLATE_BRAIN_MM3",
+    "WHOLE_HIPPOCAMPUS",
+    "LabelsError",
+    "compute_volumes",
+    "estimate_icv_mm3",
+    "template_brain_volume_mm3",
+    "voxel_volume_mm3",
+    "volumes_sidecar",
+    "write_volumes",
+]
+
+# Volume (mm3) of all labelled voxels of the CerebrA atlas on MNI152NLin2009cSym res-1 (1 mm
+# isotropic): 1,169,666 voxels (template_brain_volume_mm3 recomputes it; a test checks it). CerebrA
+# labels the brain (cerebrum, cerebellum, brainstem, ventricles), not the sulcal and extra-cerebral
+# CSF, so this is a template *brain* volume, smaller than its intracranial volume. TemplateFlow's
+# brain mask of this template would be closer to ICV but is not in the shipped TemplateFlow home.
+TEMPLATE_BRAIN_MM3 = 1_169_666.0
+
+WHOLE_HIPPOCAMPUS = "HC"
+
+COLUMNS: tuple[str, ...] = (
+    "participant_id",
+    "session_id",
+    "acq",
+    "ce",
+    "rec",
+    "run",
+    "contrast",
+    "source",
+    "side",
+    "structure",
+    "label",
+    "n_voxels",
+    "volume_mm3",
+    "mean_uncertainty",
+    "icv_mm3",
+)
+
+_R_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_]*$")
+
+
+class LabelsError(ValueError):
+    """A segmentation whose values are not the bilateral indices of the ``ca_mode``."""
+
+
+def voxel_volume_mm3(affine: np.ndarray) -> float:
+    """Volume of one voxel (mm3) of a grid with this 4x4 voxel-to-world affine: ``|det|``."""
+    affine = np.asarray(affine, dtype=float)
+    if affine.shape not in ((4, 4), (3, 3)):
+        raise GridError(f"expected a 4x4 affine, got shape {affine.shape}")
+    volume = abs(float(np.linalg.det(affine[:3, :3])))
+    if not np.isfinite(volume) or volume == 0:
+        raise GridError(f"affine has a singular or non-finite linear part:\n{affine}")
+    return volume
+
+
+def template_brain_volume_mm3(atlas: str | PathLike[str] | nib.Nifti1Image) -> float:
+    """Volume (mm3) of all labelled (non-zero) voxels of an atlas image, e.g. CerebrA."""
+    img = atlas if isinstance(atlas, nib.Nifti1Image) else nib.load(atlas)
+    data = np.asanyarray(img.dataobj)
+    return float(np.count_nonzero(data)) * voxel_volume_mm3(img.affine)
+
+
+def estimate_icv_mm3(template_to_subject: np.ndarray) -> float:
+    """eTIV-style head-size estimate: :data:`TEMPLATE_BRAIN_MM3` times ``|det(A)|``.
+
+    ``A`` is the linear part of the affine mapping template physical coordinates to subject
+    physical coordinates (a larger head gives ``|det| > 1``); a 4x4 or 3x3 matrix. The determinant
+    is the same in LPS (ANTs) and RAS coordinates. Beware the direction: ANTs'
+    ``registration(fixed=subject, moving=template)["fwdtransforms"]`` matrix maps subject points to
+    template points, i.e. it is the inverse of ``A``.
+
+    The result scales the template's *brain* volume (see :data:`TEMPLATE_BRAIN_MM3`), so it is
+    proportional to, and smaller than, an intracranial volume; for normalising (ratios,
+    covariates) the proportionality is what counts.
+    """
+    matrix = np.asarray(template_to_subject, dtype=float)
+    if matrix.shape not in ((4, 4), (3, 3)) or not np.all(np.isfinite(matrix)):
+        raise ValueError(f"expected a finite 4x4 or 3x3 affine, got shape {matrix.shape}")
+    det = abs(float(np.linalg.det(matrix[:3, :3])))
+    if det == 0:
+        raise ValueError("template-to-subject affine is singular")
+    return TEMPLATE_BRAIN_MM3 * det
+
+
+def compute_volumes(
+    labels: np.ndarray,
+    uncertainty: np.ndarray,
+    grid: np.ndarray | float,
+    ca_mode: str,
+    *,
+    entities: Entities,
+    contrast: str | None = None,
+    icv_mm3: float | None = None,
+) -> pd.DataFrame:
+    """Volumes of every side and structure of ``ca_mode`` in a bilateral segmentation.
+
+    ``labels``: integer array of bilateral indices (:func:`~hsf_bids.outputs.lut.bilateral_index`)
+    on the native grid; ``uncertainty``: the entropy map on the same grid; ``grid``: that grid's
+    4x4 affine or its voxel volume in mm3; ``entities``: the source image's entities;
+    ``contrast`` overrides ``entities.contrast`` (e.g. ``"T1w+T2w"`` for a fused run);
+    ``icv_mm3``: :func:`estimate_icv_mm3` of the run, or None.
+
+    Returns a DataFrame with :data:`COLUMNS`: per side one row per structure (zero-volume ones
+    included) then a whole-hippocampus row (``structure`` ``HC``, ``label`` missing) unless the
+    ``ca_mode`` is the whole hippocampus already. ``mean_uncertainty`` is the mean entropy inside
+    the label (missing when the label is empty).
+    """
+    structs = structures(ca_mode)
+    labels = np.asarray(labels)
+    uncertainty = np.asarray(uncertainty)
+    if not np.issubdtype(labels.dtype, np.integer):
+        raise LabelsError(f"labels must be an integer array, got dtype {labels.dtype}")
+    if uncertainty.shape != labels.shape:
+        raise GridError(
+            f"uncertainty {uncertainty.shape} and labels {labels.shape} are not on one grid"
+        )
+    voxel_volume = (
+        float(grid) if np.ndim(grid) == 0 else voxel_volume_mm3(np.asarray(grid, dtype=float))
+    )
+    if not np.isfinite(voxel_volume) or voxel_volume <= 0:
+        raise GridError(f"voxel volume must be positive, got {voxel_volume}")
+
+    flat = labels.ravel()
+    if flat.size and flat.min() < 0:
+        raise LabelsError(f"labels contain negative values ({flat.min()})")
+    counts = np.bincount(flat, minlength=2 * RIGHT_OFFSET)
+    known = {0} | {bilateral_index(side, s.label) for side in SIDES for s in structs}
+    unknown = sorted(set(np.flatnonzero(counts).tolist()) - known)
+    if unknown:
+        raise LabelsError(
+            f"labels {unknown} are not bilateral indices of ca_mode {ca_mode!r} "
+            f"(expected {sorted(known)})"
+        )
+    inside = flat > 0
+    if not np.all(np.isfinite(uncertainty.ravel()[inside])):
+        raise ValueError("uncertainty is not finite inside the segmentation")
+    sums = np.bincount(
+        flat[inside], weights=uncertainty.ravel()[inside].astype(np.float64), minlength=counts.size
+    )
+
+    base = {
+        "participant_id": f"sub-{entities.sub}",
+        "session_id": f"ses-{entities.ses}" if entities.ses else None,
+        "acq": entities.acq,
+        "ce": entities.ce,
+        "rec": entities.rec,
+        "run": entities.run,
+        "contrast": contrast or entities.contrast,
+        "source": "_".join(
+            [f"{k}-{v}" for k, v in entities.items()] + [entities.contrast or ""]
+        ).rstrip("_"),
+        "icv_mm3": icv_mm3,
+    }
+
+    def row(side: str, structure: str, label: int | None, n: int, total: float) -> dict:
+        return {
+            **base,
+            "side": side,
+            "structure": structure,
+            "label": label,
+            "n_voxels": n,
+            "volume_mm3": n * voxel_volume,
+            "mean_uncertainty": total / n if n else None,
+        }
+
+    rows = []
+    for side in SIDES:
+        indices = [bilateral_index(side, s.label) for s in structs]
+        for s, index in zip(structs, indices, strict=True):
+            rows.append(row(side, s.abbreviation, index, int(counts[index]), float(sums[index])))
+        if len(structs) > 1:
+            n = int(counts[indices].sum())
+            rows.append(row(side, WHOLE_HIPPOCAMPUS, None, n, float(sums[indices].sum())))
+
+    df = pd.DataFrame(rows, columns=list(COLUMNS))
+    df["label"] = df["label"].astype("Int64")
+    # Rounded far below any anatomical precision, so tables stay readable and diffs stable.
+    for column, decimals in (("volume_mm3", 4), ("mean_uncertainty", 6), ("icv_mm3", 1)):
+        df[column] = df[column].astype(float).round(decimals)
+    return df
+
+
+def volumes_sidecar() -> dict[str, dict[str, object]]:
+    """BIDS-style description of every column of :data:`COLUMNS` (``Description``, ``Units``)."""
+    abbreviations = sorted(
+        {s.abbreviation for mode in CA_MODES for s in structures(mode)} | {WHOLE_HIPPOCAMPUS}
+    )
+    return {
+        "participant_id": {"Description": "Participant label, sub-<label>"},
+        "session_id": {"Description": "Session label, ses-<label>; n/a without sessions"},
+        "acq": {"Description": "acq entity of the source image; n/a when absent"},
+        "ce": {"Description": "ce entity of the source image; n/a when absent"},
+        "rec": {"Description": "rec entity of the source image; n/a when absent"},
+        "run": {"Description": "run entity of the source image; n/a when absent"},
+        "contrast": {"Description": "Contrast (BIDS suffix) of the segmented image, e.g. T1w"},
+        "source": {"Description": "Source image name without extension"},
+        "side": {
+            "Description": "Hemisphere",
+            "Levels": {"left": "left hippocampus", "right": "right hippocampus"},
+        },
+        "structure": {
+            "Description": (
+                "Structure abbreviation as in desc-subfields_dseg.tsv without the side prefix; "
+                f"{WHOLE_HIPPOCAMPUS} is the whole hippocampus (all subfields of the side)"
+            ),
+            "Levels": {a: a for a in abbreviations},
+        },
+        "label": {
+            "Description": (
+                "Index of the structure in the bilateral segmentation (desc-subfields_dseg); "
+                "n/a for the whole-hippocampus row"
+            )
+        },
+        "n_voxels": {"Description": "Number of voxels with this label on the source image grid"},
+        "volume_mm3": {
+            "Description": "n_voxels times the voxel volume of the source image grid",
+            "Units": "mm^3",
+        },
+        "mean_uncertainty": {
+            "Description": (
+                "Mean voxel-wise entropy of the mean predicted probabilities inside the label "
+                "(0 = all predictions agree with certainty); n/a for an empty label"
+            ),
+            "Units": "nat",
+        },
+        "icv_mm3": {
+            "Description": (
+                "Head-size estimate for normalisation, eTIV style: the brain volume of the "
+                "MNI152NLin2009cSym template (all CerebrA atlas labels, "
+                f"{TEMPLATE_BRAIN_MM3:.0f} mm^3; this excludes sulcal and extra-cerebral CSF, so "
+                "it is smaller than an intracranial volume) times the absolute determinant of "
+                "the affine template-to-subject registration; n/a when not computed"
+            ),
+            "Units": "mm^3",
+        },
+    }
+
+
+def write_volumes(
+    df: pd.DataFrame,
+    path: str | PathLike[str],
+    descriptions: Mapping[str, Mapping[str, object]] | None = None,
+) -> Path:
+    """Write a volumes table (TSV, ``n/a`` for missing) and its JSON sidecar; return the TSV path.
+
+    Every column needs a description: those of :data:`COLUMNS` are known, others come from
+    ``descriptions``. Column names must be valid R names (letters, digits, underscore, starting
+    with a letter) so ``read.delim`` keeps them.
+    """
+    known = {**volumes_sidecar(), **(descriptions or {})}
+    bad = [c for c in df.columns if not isinstance(c, str) or not _R_NAME.match(c)]
+    if bad:
+        raise ValueError(f"{path}: column names not valid in R: {bad}")
+    undescribed = [c for c in df.columns if c not in known]
+    if undescribed:
+        raise ValueError(f"{path}: columns without a description: {undescribed}")
+    path = Path(path)
+    # Sidecar first: a table under its final name then always has its description.
+    write_json({c: known[c] for c in df.columns}, sidecar_path(path))
+    write_tsv(df, path)
+    return path
