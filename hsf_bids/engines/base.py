@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
@@ -21,5 +22,64 @@ class Session(Protocol):
     engine: str  # "onnxruntime", "openvino" or "deepsparse"
     precision: str  # "fp32", "bf16", "int8"
     device: str  # "cpu" or "cuda" (what actually runs, after any fallback)
+    threads: int  # intra-op CPU threads
 
     def run(self, batch: np.ndarray) -> np.ndarray: ...
+
+    def close(self) -> None:
+        """Release the backend's resources; the session must not be used afterwards."""
+        ...
+
+
+class EngineError(RuntimeError):
+    """Base class of the errors raised by the inference engines."""
+
+
+class EngineUnavailableError(EngineError):
+    """The requested engine, precision or device cannot run in this installation or machine."""
+
+
+class ModelLoadError(EngineError, ValueError):
+    """A model file is missing, unreadable or outside the HSF contract (one input, one output)."""
+
+
+class InputShapeError(ValueError):
+    """A batch given to ``Session.run`` is not ``[batch, 1, x, y, z]`` with multiples of 8."""
+
+
+def check_model_file(path: str | Path) -> Path:
+    """Return ``path`` resolved, or raise :class:`ModelLoadError` naming it if it is not a file."""
+    resolved = Path(path).expanduser().resolve()
+    if not resolved.is_file():
+        raise ModelLoadError(f"model file not found: {resolved}")
+    return resolved
+
+
+def check_batch(batch: np.ndarray, path: Path) -> np.ndarray:
+    """Validate a batch for the model at ``path``; return it as C-contiguous float32.
+
+    Raises :class:`InputShapeError` (naming the model file) unless ``batch`` is a real-valued
+    array of shape ``[batch >= 1, 1, x, y, z]`` with x, y, z positive multiples of 8.
+    """
+    array = np.asarray(batch)
+    if not (np.issubdtype(array.dtype, np.floating) or np.issubdtype(array.dtype, np.integer)):
+        raise InputShapeError(f"{path.name}: input must be a real array, got dtype {array.dtype}")
+    if array.ndim != 5 or array.shape[1] != 1 or array.shape[0] < 1:
+        raise InputShapeError(
+            f"{path.name}: input must have shape [batch, 1, x, y, z], got {list(array.shape)}"
+        )
+    spatial = array.shape[2:]
+    if any(d < 8 or d % 8 for d in spatial):
+        raise InputShapeError(
+            f"{path.name}: spatial size {list(spatial)} must be positive multiples of 8 "
+            "(pad the crop first)"
+        )
+    return np.ascontiguousarray(array, dtype=np.float32)
+
+
+def default_threads() -> int:
+    """CPU cores this process may use (its affinity mask), at least 1."""
+    try:
+        return max(len(os.sched_getaffinity(0)), 1)
+    except AttributeError:  # not on Linux
+        return max(os.cpu_count() or 1, 1)

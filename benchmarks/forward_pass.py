@@ -1,0 +1,276 @@
+"""Forward-pass benchmark of the inference engines on the demo models and a full-size ARUNet.
+
+For each model x engine/precision x batch size, a fresh Python process opens a session and times
+session creation, the first run and the median of N runs after warm-up on a seeded random crop,
+and reports its peak RSS (``VmHWM``), so configurations do not share memory or caches. Outputs are
+compared with onnxruntime fp32 on the same input (max |difference| of probabilities and argmax
+agreement). The result is a Markdown table headed by a description of the machine.
+
+    python benchmarks/forward_pass.py --threads 2 --output forward_pass.md
+    python benchmarks/forward_pass.py --quick          # a short check that everything runs
+
+The full-size random ARUNet (37.5 M parameters, 150 MB) is generated once into ``--cache``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIGS = [("onnxruntime", "fp32"), ("openvino", "fp32"), ("openvino", "bf16")]
+
+
+def _peak_rss_mib() -> float:
+    """Peak resident set size of this process in MiB (``VmHWM``, else ``ru_maxrss``)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def worker(spec: dict) -> dict:
+    """Run one configuration in this (fresh) process and return its measurements."""
+    import importlib
+
+    from hsf_bids.engines import open_session
+
+    importlib.import_module(spec["engine"])  # the engine's own import cost is not the model's
+    rss_imports = _peak_rss_mib()
+    rng = np.random.default_rng(spec["seed"])
+    batch = rng.standard_normal((spec["batch"], 1, *spec["shape"]), dtype=np.float32)
+
+    start = time.perf_counter()
+    session = open_session(
+        spec["model"], engine=spec["engine"], precision=spec["precision"], threads=spec["threads"]
+    )
+    create_s = time.perf_counter() - start
+
+    start = time.perf_counter()
+    probs = session.run(batch)
+    first_s = time.perf_counter() - start
+    if spec.get("save_output"):
+        np.save(spec["save_output"], probs)
+
+    for _ in range(spec["warmup"]):
+        session.run(batch)
+    times = []
+    for _ in range(spec["repeats"]):
+        start = time.perf_counter()
+        session.run(batch)
+        times.append(time.perf_counter() - start)
+    return {
+        "ran_precision": session.precision,
+        "ran_device": session.device,
+        "create_s": create_s,
+        "first_s": first_s,
+        "median_s": statistics.median(times) if times else float("nan"),
+        "min_s": min(times) if times else float("nan"),
+        "rss_imports_mib": rss_imports,
+        "peak_rss_mib": _peak_rss_mib(),
+    }
+
+
+def run_in_subprocess(spec: dict, timeout: float) -> dict:
+    """Measure one configuration in a fresh interpreter; errors come back as ``{"error": ...}``."""
+    env = dict(os.environ)
+    # One thread budget for every library: the engines get ``threads`` explicitly; numpy and
+    # OpenMP should not add their own pools.
+    env.update(OMP_NUM_THREADS=str(spec["threads"]), OPENBLAS_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", json.dumps(spec)]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+    except subprocess.TimeoutExpired:
+        return {"error": f"timed out after {timeout:.0f} s"}
+    if proc.returncode != 0:
+        tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
+        return {"error": f"exit {proc.returncode}: {tail[0][:200]}"}
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def machine_description(threads: int) -> list[str]:
+    """Lines describing the CPU, memory and library versions."""
+    lines = []
+    model = platform.processor() or platform.machine()
+    flags: set[str] = set()
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
+        for line in out.splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "Model name":
+                model = value.strip()
+            elif key.strip() == "Flags":
+                flags = set(value.split())
+    except (OSError, subprocess.CalledProcessError):
+        pass
+    isa = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile") if f in flags]
+    lines.append(f"- CPU: {model}; ISA: {', '.join(isa) or 'unknown'}")
+    lines.append(
+        f"- CPUs usable by this process: {len(os.sched_getaffinity(0))}; threads: {threads}"
+    )
+    try:
+        meminfo = Path("/proc/meminfo").read_text().splitlines()
+        total = next(int(x.split()[1]) for x in meminfo if x.startswith("MemTotal:"))
+        lines.append(f"- Memory: {total / 1024**2:.1f} GiB")
+    except (OSError, StopIteration):
+        pass
+    import onnxruntime
+    import openvino
+
+    from hsf_bids.engines.openvino import cpu_capabilities
+
+    lines.append(
+        f"- onnxruntime {onnxruntime.__version__}, OpenVINO {openvino.__version__} "
+        f"(CPU capabilities: {', '.join(cpu_capabilities())}), Python {platform.python_version()}"
+    )
+    try:
+        load = os.getloadavg()
+        lines.append(f"- Load average at start: {load[0]:.2f} (1 min)")
+    except OSError:
+        pass
+    return lines
+
+
+def ensure_arunet(cache: Path) -> Path:
+    """The full-size random ARUNet in ``cache``, generated on first use."""
+    from hsf_bids.arunet import build_arunet
+
+    path = cache / "arunet_random_seed0.onnx"
+    if not path.is_file():
+        print(f"generating {path} (150 MB) ...", file=sys.stderr)
+        build_arunet(path, seed=0)
+    return path
+
+
+def default_demo_hub() -> Path:
+    shared = os.environ.get("HSF_BIDS_SHARED")
+    root = Path(shared) if shared else REPO.parent / "shared"
+    return root / "models" / "demo" / "demo.yaml"
+
+
+def _fmt(seconds: float) -> str:
+    return "n/a" if seconds != seconds else f"{seconds:.3f}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=None, help="timed runs (default 10)")
+    parser.add_argument("--warmup", type=int, default=None, help="untimed runs (default 2)")
+    parser.add_argument("--quick", action="store_true", help="2 timed runs, no extra warm-up")
+    parser.add_argument("--shape", type=int, nargs=3, default=[48, 64, 48])
+    parser.add_argument("--demo-hub", type=Path, default=None, help="demo hub YAML")
+    parser.add_argument("--no-demo", action="store_true", help="skip the demo models")
+    parser.add_argument("--no-arunet", action="store_true", help="skip the full-size ARUNet")
+    parser.add_argument(
+        "--cache",
+        type=Path,
+        default=Path(tempfile.gettempdir()) / "hsf_bids_bench",
+        help="folder for the generated ARUNet (default: %(default)s)",
+    )
+    parser.add_argument("--timeout", type=float, default=1800, help="per configuration, s")
+    parser.add_argument("--output", type=Path, help="also write the Markdown table here")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+
+    if args.worker:
+        print(json.dumps(worker(json.loads(args.worker))))
+        return 0
+
+    repeats = args.repeats if args.repeats is not None else (2 if args.quick else 10)
+    warmup = args.warmup if args.warmup is not None else (0 if args.quick else 2)
+
+    models: list[tuple[Path, list[int]]] = []
+    if not args.no_demo:
+        import yaml
+
+        hub = args.demo_hub or default_demo_hub()
+        names = yaml.safe_load(hub.read_text())["models"]
+        models += [(hub.parent / name, [1, 4]) for name in names]
+    if not args.no_arunet:
+        models.append((ensure_arunet(args.cache), [1]))
+
+    shape = tuple(args.shape)
+    header = [
+        f"# Forward pass, crop {'x'.join(map(str, shape))}, {args.threads} threads",
+        "",
+        *machine_description(args.threads),
+        f"- Timed runs: median (min) of {repeats} after the first run and {warmup} warm-up runs;"
+        " every row in a fresh process",
+        "",
+        "| model | batch | engine | precision asked -> run | create s | first run s "
+        "| median s (min) | s per crop | peak RSS MiB (before loading) | max abs diff / argmax "
+        "agreement vs onnxruntime fp32 |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    print("\n".join(header), flush=True)
+    rows = []
+    with tempfile.TemporaryDirectory() as scratch:
+        for model, batches in models:
+            for batch in batches:
+                reference = None
+                for engine, precision in CONFIGS:
+                    out_file = Path(scratch) / f"{model.stem}_{batch}_{engine}_{precision}.npy"
+                    spec = {
+                        "model": str(model),
+                        "engine": engine,
+                        "precision": precision,
+                        "threads": args.threads,
+                        "batch": batch,
+                        "shape": list(shape),
+                        "seed": 0,
+                        "warmup": warmup,
+                        "repeats": repeats,
+                        "save_output": str(out_file),
+                    }
+                    result = run_in_subprocess(spec, args.timeout)
+                    name = f"{model.name} | {batch} | {engine} | {precision}"
+                    if "error" in result:
+                        row = f"| {name} | error: {result['error']} |||||||"
+                    else:
+                        probs = np.load(out_file)
+                        if engine == "onnxruntime":
+                            reference = probs  # first in CONFIGS
+                            agreement = "reference"
+                        elif reference is None:
+                            agreement = "no reference"
+                        else:
+                            diff = float(np.abs(probs - reference).max())
+                            agree = float((probs.argmax(1) == reference.argmax(1)).mean())
+                            agreement = f"{diff:.1e} / {100 * agree:.3f} %"
+                        out_file.unlink()
+                        row = (
+                            f"| {model.name} | {batch} | {engine} "
+                            f"| {precision} -> {result['ran_precision']} "
+                            f"| {_fmt(result['create_s'])} | {_fmt(result['first_s'])} "
+                            f"| {_fmt(result['median_s'])} ({_fmt(result['min_s'])}) "
+                            f"| {_fmt(result['median_s'] / batch)} "
+                            f"| {result['peak_rss_mib']:.0f} ({result['rss_imports_mib']:.0f}) "
+                            f"| {agreement} |"
+                        )
+                    rows.append(row)
+                    print(row, flush=True)
+
+    if args.output:
+        args.output.write_text("\n".join(header + rows) + "\n")
+        print(f"\nwritten to {args.output}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

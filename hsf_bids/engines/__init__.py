@@ -1,0 +1,278 @@
+"""Inference engines: load an ONNX model once, run batches of crops.
+
+Public interface:
+
+* :func:`open_session` loads a model with one engine (``onnxruntime``, ``openvino`` or
+  ``deepsparse``) and returns a :class:`~hsf_bids.engines.base.Session`;
+* :func:`get_session` is the same behind a process-wide, thread-safe cache, so a model is loaded
+  once per process and reused for both sides and every subject;
+* :func:`available_engines` lists the ``(engine, precision, device)`` choices that run here;
+* :func:`resolve_engine` turns a user's choice (``auto`` or explicit) into one of them.
+
+Errors: :class:`UnknownEngineError` for a name that is not an engine, device or precision;
+:class:`EngineUnavailableError` for a valid choice that cannot run here; :class:`ModelLoadError`
+for a model file that cannot be loaded; :class:`InputShapeError` for a bad batch.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from pathlib import Path
+
+from hsf_bids.engines.base import (
+    EngineError,
+    EngineUnavailableError,
+    InputShapeError,
+    ModelLoadError,
+    Session,
+    check_model_file,
+    default_threads,
+)
+
+__all__ = [
+    "DEVICES",
+    "ENGINES",
+    "PRECISIONS",
+    "EngineError",
+    "EngineUnavailableError",
+    "InputShapeError",
+    "ModelLoadError",
+    "Session",
+    "UnknownEngineError",
+    "available_engines",
+    "clear_session_cache",
+    "cpu_supports_bf16",
+    "get_session",
+    "open_session",
+    "resolve_engine",
+]
+
+log = logging.getLogger(__name__)
+
+ENGINES = ("onnxruntime", "openvino", "deepsparse")
+DEVICES = ("cpu", "cuda")
+PRECISIONS = ("fp32", "bf16", "int8")
+
+
+class UnknownEngineError(EngineError, ValueError):
+    """An engine, device or precision name that hsf_bids does not know."""
+
+
+def _check_names(engine: str, device: str, precision: str | None, *, allow_auto: bool) -> None:
+    engines = ("auto", *ENGINES) if allow_auto else ENGINES
+    if engine not in engines:
+        raise UnknownEngineError(f"unknown engine {engine!r}; choose one of {', '.join(engines)}")
+    if device not in DEVICES:
+        raise UnknownEngineError(f"unknown device {device!r}; choose one of {', '.join(DEVICES)}")
+    if precision is not None and precision not in PRECISIONS:
+        raise UnknownEngineError(
+            f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}"
+        )
+
+
+def cpu_supports_bf16() -> bool:
+    """True when OpenVINO reports native bf16 (``BF16`` in the CPU's optimisation capabilities).
+
+    False when OpenVINO is not installed.
+    """
+    try:
+        from hsf_bids.engines.openvino import cpu_supports_bf16 as _bf16
+    except ImportError:
+        return False
+    try:
+        return _bf16()
+    except ImportError:
+        return False
+
+
+def _openvino_available() -> bool:
+    try:
+        import openvino  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def available_engines() -> list[tuple[str, str, str]]:
+    """The ``(engine, precision, device)`` choices that can run in this process, fastest first.
+
+    The order is the preference of ``resolve_engine("auto", ...)``: onnxruntime on CUDA, then
+    OpenVINO bf16 (only where the CPU has bf16 hardware), OpenVINO fp32, onnxruntime fp32, then
+    DeepSparse (never picked automatically; it is listed when installed).
+    """
+    from hsf_bids.engines.deepsparse import deepsparse_available
+    from hsf_bids.engines.onnxruntime import cuda_available
+
+    choices: list[tuple[str, str, str]] = []
+    if cuda_available():
+        choices.append(("onnxruntime", "fp32", "cuda"))
+    if _openvino_available():
+        if cpu_supports_bf16():
+            choices.append(("openvino", "bf16", "cpu"))
+        choices.append(("openvino", "fp32", "cpu"))
+    choices.append(("onnxruntime", "fp32", "cpu"))
+    if deepsparse_available():
+        choices += [("deepsparse", "fp32", "cpu"), ("deepsparse", "int8", "cpu")]
+    return choices
+
+
+def resolve_engine(
+    engine: str = "auto", device: str = "cpu", precision: str | None = None
+) -> tuple[str, str, str]:
+    """Turn a requested engine/device/precision into the ``(engine, precision, device)`` to run.
+
+    ``auto`` picks the first entry of :func:`available_engines` for the device (and precision,
+    if given), skipping DeepSparse. A CUDA request without a usable CUDA provider falls back to
+    the CPU with a logged warning (for ``auto`` and ``onnxruntime``). An explicit engine or
+    precision that cannot run here raises :class:`EngineUnavailableError` naming what is missing;
+    an unknown name raises :class:`UnknownEngineError`.
+    """
+    _check_names(engine, device, precision, allow_auto=True)
+    choices = available_engines()
+
+    if device == "cuda" and engine in ("auto", "onnxruntime"):
+        if ("onnxruntime", "fp32", "cuda") not in choices:
+            log.warning(
+                "device cuda requested but onnxruntime has no usable CUDA provider "
+                "(install onnxruntime-gpu); falling back to the CPU"
+            )
+            device = "cpu"
+
+    if engine == "auto":
+        for choice in choices:
+            if choice[0] == "deepsparse" or choice[2] != device:
+                continue
+            if precision is None or choice[1] == precision:
+                return choice
+        raise EngineUnavailableError(
+            f"no engine runs precision {precision!r} on {device} here; available: "
+            + ", ".join("/".join(c) for c in choices)
+        )
+
+    if engine == "openvino" and not _openvino_available():
+        raise EngineUnavailableError("engine 'openvino' is not installed (pip install openvino)")
+    if engine == "deepsparse":
+        from hsf_bids.engines.deepsparse import import_deepsparse
+
+        import_deepsparse()  # raises EngineUnavailableError with the install hint
+    if device == "cuda" and engine != "onnxruntime":
+        raise EngineUnavailableError(
+            f"engine {engine!r} runs on the CPU only in hsf_bids; use --device cpu, or engine "
+            "onnxruntime for cuda"
+        )
+
+    if precision is None:
+        # The engine's fastest precision here: bf16 for OpenVINO where the CPU has it.
+        for choice in choices:
+            if choice[0] == engine and choice[2] == device:
+                return choice
+        raise EngineUnavailableError(f"engine {engine!r} cannot run on {device} here")
+
+    if (engine, precision, device) in choices:
+        return (engine, precision, device)
+    if engine == "openvino" and precision == "bf16":
+        from hsf_bids.engines.openvino import cpu_capabilities
+
+        raise EngineUnavailableError(
+            "precision bf16 needs a CPU with AMX or AVX512-BF16; OpenVINO reports this CPU's "
+            f"capabilities as {', '.join(cpu_capabilities())} (it would silently run fp32); "
+            "use --precision fp32"
+        )
+    supported = sorted({c[1] for c in choices if c[0] == engine})
+    raise EngineUnavailableError(
+        f"engine {engine!r} cannot run precision {precision!r} on {device} here; "
+        f"it offers {', '.join(supported) or 'nothing'}"
+    )
+
+
+def open_session(
+    path: str | Path,
+    *,
+    engine: str = "onnxruntime",
+    device: str = "cpu",
+    precision: str | None = None,
+    threads: int | None = None,
+) -> Session:
+    """Load the ONNX model at ``path`` with one engine and return a new session.
+
+    ``engine`` may be ``auto`` (see :func:`resolve_engine`). ``precision`` ``None`` means the
+    engine's default (fp32). ``threads`` is the intra-op CPU thread count (default: the CPUs this
+    process may use). The session's ``device`` and ``precision`` attributes say what actually
+    runs after any fallback (CUDA unavailable -> CPU; OpenVINO bf16 without hardware -> fp32).
+    """
+    _check_names(engine, device, precision, allow_auto=True)
+    if engine == "auto":
+        engine, precision, device = resolve_engine(engine, device, precision)
+    if threads is not None and int(threads) < 1:
+        raise ValueError(f"threads must be >= 1, got {threads}")
+    if engine == "onnxruntime":
+        from hsf_bids.engines.onnxruntime import OnnxRuntimeSession as cls
+    elif engine == "openvino":
+        if not _openvino_available():
+            raise EngineUnavailableError(
+                "engine 'openvino' is not installed (pip install openvino)"
+            )
+        from hsf_bids.engines.openvino import OpenVinoSession as cls
+    else:
+        from hsf_bids.engines.deepsparse import DeepSparseSession as cls
+    session = cls(path, device=device, precision=precision, threads=threads)
+    log.info("loaded %r", session)
+    return session
+
+
+_cache: dict[tuple, Session] = {}
+_cache_locks: dict[tuple, threading.Lock] = {}
+_cache_guard = threading.Lock()
+
+
+def get_session(
+    path: str | Path,
+    *,
+    engine: str = "onnxruntime",
+    device: str = "cpu",
+    precision: str | None = None,
+    threads: int | None = None,
+) -> Session:
+    """Like :func:`open_session`, but a given model and settings are loaded once per process.
+
+    The key is the resolved file (path, size and modification time, so a replaced file is
+    reloaded) plus the settings. Thread-safe: concurrent calls for one key load the model once
+    and all receive the same session; different keys load in parallel.
+    """
+    resolved = check_model_file(path)
+    stat = resolved.stat()
+    key = (
+        str(resolved),
+        stat.st_size,
+        stat.st_mtime_ns,
+        engine,
+        device,
+        precision,
+        int(threads) if threads else default_threads(),
+    )
+    with _cache_guard:
+        session = _cache.get(key)
+        if session is not None:
+            return session
+        lock = _cache_locks.setdefault(key, threading.Lock())
+    with lock:
+        with _cache_guard:
+            session = _cache.get(key)
+        if session is None:
+            session = open_session(
+                resolved, engine=engine, device=device, precision=precision, threads=key[-1]
+            )
+            with _cache_guard:
+                _cache[key] = session
+    return session
+
+
+def clear_session_cache() -> None:
+    """Close and forget every cached session (tests, or to free memory between runs)."""
+    with _cache_guard:
+        sessions = list(_cache.values())
+        _cache.clear()
+        _cache_locks.clear()
+    for session in sessions:
+        session.close()

@@ -1,0 +1,121 @@
+"""ONNX Runtime engine: CPU, or CUDA when its execution provider is installed and usable."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+
+from hsf_bids.engines.base import (
+    EngineUnavailableError,
+    ModelLoadError,
+    check_batch,
+    check_model_file,
+    default_threads,
+)
+
+log = logging.getLogger(__name__)
+
+ENGINE = "onnxruntime"
+CUDA_PROVIDER = "CUDAExecutionProvider"
+CPU_PROVIDER = "CPUExecutionProvider"
+
+
+def cuda_available() -> bool:
+    """True when this onnxruntime build offers the CUDA execution provider."""
+    import onnxruntime as ort
+
+    return CUDA_PROVIDER in ort.get_available_providers()
+
+
+class OnnxRuntimeSession:
+    """A model loaded in an ``onnxruntime.InferenceSession`` (see :class:`~.base.Session`).
+
+    ``device`` says what actually runs: a CUDA request without a usable CUDA provider runs on
+    the CPU (with a logged warning). Precision is always fp32: onnxruntime runs the graph as
+    stored, and the published models are fp32.
+    """
+
+    engine = ENGINE
+
+    def __init__(
+        self,
+        path: str | Path,
+        *,
+        device: str = "cpu",
+        precision: str | None = None,
+        threads: int | None = None,
+    ) -> None:
+        import onnxruntime as ort
+
+        self.path = check_model_file(path)
+        if precision not in (None, "fp32"):
+            raise EngineUnavailableError(
+                f"onnxruntime runs models in fp32 only, not {precision!r}; "
+                "use engine 'openvino' for bf16"
+            )
+        if device not in ("cpu", "cuda"):
+            raise EngineUnavailableError(f"unknown device {device!r}; expected 'cpu' or 'cuda'")
+        self.precision = "fp32"
+        self.threads = int(threads) if threads else default_threads()
+
+        options = ort.SessionOptions()
+        # One crop at a time: parallelism inside each operator; the rest of the run's CPU budget
+        # belongs to other work (other subjects, registration).
+        options.intra_op_num_threads = self.threads
+        options.inter_op_num_threads = 1
+        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        options.log_severity_level = 3  # warnings about unused initializers are noise here
+
+        providers = [CPU_PROVIDER]
+        if device == "cuda":
+            if cuda_available():
+                providers = [CUDA_PROVIDER, CPU_PROVIDER]
+            else:
+                log.warning(
+                    "%s: CUDA requested but onnxruntime offers no %s (install onnxruntime-gpu "
+                    "with a matching CUDA); running on the CPU",
+                    self.path.name,
+                    CUDA_PROVIDER,
+                )
+        try:
+            self._session = ort.InferenceSession(
+                str(self.path), sess_options=options, providers=providers
+            )
+        except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph types
+            raise ModelLoadError(f"onnxruntime cannot load {self.path}: {exc}") from exc
+
+        # The provider can be offered yet fail to initialise (missing CUDA libraries); onnxruntime
+        # then silently drops it, so ask the session what it really uses.
+        active = self._session.get_providers()
+        self.device = "cuda" if CUDA_PROVIDER in active else "cpu"
+        if device == "cuda" and self.device == "cpu" and CUDA_PROVIDER in providers:
+            log.warning("%s: the CUDA provider failed to start; running on the CPU", self.path.name)
+
+        inputs, outputs = self._session.get_inputs(), self._session.get_outputs()
+        if len(inputs) != 1 or len(outputs) != 1:
+            raise ModelLoadError(
+                f"{self.path}: expected one input and one output, "
+                f"found {len(inputs)} and {len(outputs)}"
+            )
+        # By position, not by name: the contract does not promise the names.
+        self.input_name = inputs[0].name
+        self.output_name = outputs[0].name
+
+    def run(self, batch: np.ndarray) -> np.ndarray:
+        """Probabilities ``[b, C, x, y, z]`` float32 for a ``[b, 1, x, y, z]`` batch."""
+        array = check_batch(batch, self.path)
+        (probs,) = self._session.run([self.output_name], {self.input_name: array})
+        return np.asarray(probs, dtype=np.float32)
+
+    def close(self) -> None:
+        """Drop the onnxruntime session (its memory is freed with the last reference)."""
+        self._session = None
+
+    def __repr__(self) -> str:
+        return (
+            f"OnnxRuntimeSession({self.path.name}, device={self.device}, "
+            f"precision={self.precision}, threads={self.threads})"
+        )
