@@ -1,0 +1,230 @@
+"""Segment one crop with an ensemble of models and test-time augmentation (the HSF contract).
+
+For every input crop (one contrast, or two for multispectral late fusion), the original and
+``num_augmentations`` augmented copies are each augmented from the raw crop, z-scored, padded
+to multiples of 8 and batched through **every** model session. Each prediction is un-padded,
+merged to ``ca_mode`` and mapped back onto the crop grid, then joins one
+:class:`~hsf_bids.segment.fuse.FusionAccumulator`.
+
+Speed: an augmentation's coordinate maps and interpolation weights are built once and reused
+for every model; the models' predictions for one copy are inverted with one sparse product.
+``ca_mode`` merging is done before the inversion (both are linear, so the order does not change
+the result and fewer channels are resampled). With ``fusion="mean"`` only the mean over models
+matters, so the models' sum for one copy is inverted once (exact by linearity).
+
+Determinism: all augmentations are drawn up front from the seed, in input order, before any
+model runs, and predictions are added to the fusion in a fixed order (input, copy, model), so
+labels and uncertainty are byte-identical for a given seed whatever the batch size (given an
+engine whose output does not depend on the batch size, as the published models' per-instance
+normalisation intends).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from hsf_bids.engines.base import Session
+
+from .augment import HSF_TTA, Augmentation, TTASettings, sample_augmentations
+from .fuse import (
+    N_MODEL_CLASSES,
+    FusionAccumulator,
+    UnknownFusionError,
+    label_names,
+    merge_ca,
+    n_classes,
+)
+from .preprocess import pad_to_multiple, unpad, zscore
+
+__all__ = ["CropSegmentation", "InputCropError", "ModelOutputError", "segment_crop"]
+
+
+class InputCropError(ValueError):
+    """The crops given to :func:`segment_crop` are unusable (shape, spacing, emptiness)."""
+
+
+class ModelOutputError(RuntimeError):
+    """A model session returned something that breaks the HSF output contract."""
+
+
+@dataclass(frozen=True)
+class CropSegmentation:
+    """The fused segmentation of one crop.
+
+    Attributes
+    ----------
+    labels : uint8 ``[x, y, z]`` label map in the labels of ``ca_mode``.
+    uncertainty : float32 ``[x, y, z]`` entropy of the mean probability (nats).
+    n_predictions : number of predictions fused (inputs x copies x models).
+    ca_mode, fusion : the settings used.
+    label_names : name of each label value.
+    probabilities : float32 ``[C, x, y, z]`` mean probability, only when asked for.
+    """
+
+    labels: np.ndarray
+    uncertainty: np.ndarray
+    n_predictions: int
+    ca_mode: str
+    fusion: str
+    label_names: tuple[str, ...]
+    probabilities: np.ndarray | None = None
+
+
+def _check_inputs(
+    inputs: Sequence[tuple[np.ndarray, Sequence[float]]],
+) -> list[tuple[np.ndarray, tuple[float, float, float]]]:
+    if len(inputs) == 0:
+        raise InputCropError("segment_crop needs at least one input crop")
+    checked = []
+    shape = None
+    for number, item in enumerate(inputs):
+        try:
+            crop, spacing = item
+        except (TypeError, ValueError):
+            raise InputCropError(
+                f"input {number} must be a (crop array, voxel spacing) pair"
+            ) from None
+        crop = np.asarray(crop)
+        if crop.ndim != 3 or min(crop.shape) < 1:
+            raise InputCropError(f"input {number}: crop must be 3-D, got shape {crop.shape}")
+        if not np.issubdtype(crop.dtype, np.number) or np.iscomplexobj(crop):
+            raise InputCropError(f"input {number}: crop must be real numbers, got {crop.dtype}")
+        spacing3 = tuple(float(s) for s in np.ravel(spacing))
+        if len(spacing3) != 3 or not all(np.isfinite(s) and s > 0 for s in spacing3):
+            raise InputCropError(
+                f"input {number}: voxel spacing must be 3 positive numbers, got {spacing}"
+            )
+        if shape is None:
+            shape = crop.shape
+        elif crop.shape != shape:
+            raise InputCropError(
+                f"input {number}: crop shape {crop.shape} differs from input 0's {shape}; "
+                "resample the second contrast onto the first one's grid before cropping"
+            )
+        checked.append((crop, spacing3))
+    return checked
+
+
+def _resolve_rng(seed: int | np.random.Generator) -> np.random.Generator:
+    if isinstance(seed, np.random.Generator):
+        return seed
+    return np.random.default_rng(seed)
+
+
+def _run_session(session: Session, batch: np.ndarray) -> np.ndarray:
+    probs = np.asarray(session.run(batch))
+    expected = (batch.shape[0], N_MODEL_CLASSES, *batch.shape[2:])
+    if probs.shape != expected:
+        path = getattr(session, "path", "<unknown model>")
+        raise ModelOutputError(
+            f"model {path} returned shape {probs.shape} for input {batch.shape}; the HSF "
+            f"contract expects {expected} (6 softmax channels)"
+        )
+    return probs
+
+
+def segment_crop(
+    inputs: Sequence[tuple[np.ndarray, Sequence[float]]],
+    sessions: Sequence[Session],
+    *,
+    ca_mode: str = "1/2/3",
+    test_time_augmentation: bool = True,
+    num_augmentations: int = 20,
+    fusion: str = "vote",
+    seed: int | np.random.Generator = 0,
+    batch_size: int = 1,
+    return_probabilities: bool = False,
+    tta_settings: TTASettings = HSF_TTA,
+) -> CropSegmentation:
+    """Segment one crop (one side) with every session, with or without test-time augmentation.
+
+    Parameters
+    ----------
+    inputs : ``[(crop, spacing), ...]``: each crop a 3-D array in RAS voxel order at native
+        resolution, ``spacing`` its voxel size in mm. One item for one contrast; two for
+        multispectral late fusion (e.g. a T2w resampled onto the T1w grid and cropped with the
+        same box): every crop must have the same shape, and all predictions join one vote.
+    sessions : loaded models (:class:`hsf_bids.engines.base.Session`), each returning
+        ``[b, 6, x, y, z]`` softmax probabilities.
+    ca_mode : ``"1/2/3"``, ``"1/23"``, ``"123"`` or ``""`` (see :mod:`hsf_bids.segment.fuse`).
+    test_time_augmentation : add ``num_augmentations`` augmented copies per input to the
+        original.
+    num_augmentations : augmented copies per input (HSF: 20 for ``*_accurate`` presets).
+    fusion : ``"vote"`` (HSF: plurality vote of every prediction's argmax, ties to the lower
+        label) or ``"mean"`` (argmax of the mean probability).
+    seed : an int seed or a :class:`numpy.random.Generator` for the augmentations.
+    batch_size : copies per forward pass; does not change the result.
+    return_probabilities : also return the mean probability map.
+    tta_settings : the augmentation ranges (HSF's by default).
+
+    Returns
+    -------
+    CropSegmentation
+    """
+    checked = _check_inputs(inputs)
+    if len(sessions) == 0:
+        raise ValueError("segment_crop needs at least one model session")
+    if fusion not in ("vote", "mean"):
+        raise UnknownFusionError(f"unknown fusion {fusion!r}; expected 'vote' or 'mean'")
+    n_labels = n_classes(ca_mode)
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if test_time_augmentation and num_augmentations < 0:
+        raise ValueError(f"num_augmentations must be >= 0, got {num_augmentations}")
+    n_aug = num_augmentations if test_time_augmentation else 0
+
+    # Draw every augmentation before running anything: the draws then depend on the seed, the
+    # inputs' shapes and spacings only, not on the batch size or the number of models.
+    rng = _resolve_rng(seed)
+    jobs: list[tuple[int, Augmentation | None]] = []
+    for index, (crop, spacing) in enumerate(checked):
+        jobs.append((index, None))
+        augs = sample_augmentations(rng, n_aug, crop.shape, spacing, tta_settings) if n_aug else []
+        jobs.extend((index, aug) for aug in augs)
+
+    shape = checked[0][0].shape
+    accumulator = FusionAccumulator(shape, n_labels, votes=fusion == "vote")
+    for start in range(0, len(jobs), batch_size):
+        chunk = jobs[start : start + batch_size]
+        images = []
+        for index, aug in chunk:
+            crop = checked[index][0]
+            image = crop if aug is None else aug.apply(crop)
+            try:
+                normalised = zscore(image)
+            except ValueError as error:
+                raise InputCropError(f"input {index}: {error}") from None
+            images.append(normalised)
+        batch, pads = pad_to_multiple(np.stack(images)[:, None])
+        batch = np.ascontiguousarray(batch, dtype=np.float32)
+        # [models, batch, C, x, y, z], merged to ca_mode on the padded grid's crop region.
+        predictions = [merge_ca(unpad(_run_session(s, batch), pads), ca_mode) for s in sessions]
+        for position, (_, aug) in enumerate(chunk):
+            if fusion == "vote":
+                members = np.stack([p[position] for p in predictions])
+                if aug is not None:
+                    members = aug.invert(members)
+                for member in members:
+                    accumulator.add(member)
+            else:
+                total = np.zeros((n_labels, *shape), dtype=np.float32)
+                for p in predictions:
+                    total += p[position]
+                if aug is not None:
+                    # Background fill outside the field of view must weigh as many models.
+                    total = aug.invert(total / len(sessions)) * len(sessions)
+                accumulator.add_sum(total, len(sessions))
+
+    labels, uncertainty = accumulator.result(fusion)
+    return CropSegmentation(
+        labels=labels,
+        uncertainty=uncertainty,
+        n_predictions=accumulator.count,
+        ca_mode=ca_mode,
+        fusion=fusion,
+        label_names=label_names(ca_mode),
+        probabilities=accumulator.mean_probabilities() if return_probabilities else None,
+    )
