@@ -44,7 +44,19 @@ def ds_mini(shared_dir: Path) -> Path:
 
 @pytest.fixture(scope="session")
 def templateflow_home(shared_dir: Path) -> Path:
-    """A ready TemplateFlow home; exported so TemplateFlow downloads nothing."""
+    """A ready TemplateFlow home; exported so TemplateFlow downloads nothing.
+
+    TemplateFlow reads ``TEMPLATEFLOW_HOME`` once, when ``templateflow`` is first imported; if
+    something imported it earlier in this session, its cache is pointed at the home here too.
+    """
+    import sys
+
     home = shared_dir / "data" / "templateflow"
     os.environ["TEMPLATEFLOW_HOME"] = str(home)
+    os.environ.setdefault("TEMPLATEFLOW_AUTOUPDATE", "0")
+    conf = sys.modules.get("templateflow.conf")
+    if conf is not None and Path(conf._cache.config.root) != home:
+        conf._cache.config.root = home
+        conf._cache.precached = True
+        conf._cache.__dict__.pop("layout", None)  # the pybids layout of the old home
     return home
