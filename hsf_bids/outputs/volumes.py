@@ -63,6 +63,7 @@ COLUMNS: tuple[str, ...] = (
     "volume_mm3",
     "mean_uncertainty",
     "icv_mm3",
+    "localisation_ok",
 )
 
 _R_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_]*$")
@@ -121,6 +122,7 @@ def compute_volumes(
     entities: Entities,
     contrast: str | None = None,
     icv_mm3: float | None = None,
+    localisation_ok: bool | None = None,
 ) -> pd.DataFrame:
     """Volumes of every side and structure of ``ca_mode`` in a bilateral segmentation.
 
@@ -128,7 +130,8 @@ def compute_volumes(
     on the native grid; ``uncertainty``: the entropy map on the same grid; ``grid``: that grid's
     4x4 affine or its voxel volume in mm3; ``entities``: the source image's entities;
     ``contrast`` overrides ``entities.contrast`` (e.g. ``"T1w+T2w"`` for a fused run);
-    ``icv_mm3``: :func:`estimate_icv_mm3` of the run, or None.
+    ``icv_mm3``: :func:`estimate_icv_mm3` of the run, or None; ``localisation_ok``: the
+    localisation QC verdict of the image, or None.
 
     Returns a DataFrame with :data:`COLUMNS`: per side one row per structure (zero-volume ones
     included) then a whole-hippocampus row (``structure`` ``HC``, ``label`` missing) unless the
@@ -180,6 +183,7 @@ def compute_volumes(
             [f"{k}-{v}" for k, v in entities.items()] + [entities.contrast or ""]
         ).rstrip("_"),
         "icv_mm3": icv_mm3,
+        "localisation_ok": localisation_ok,
     }
 
     def row(side: str, structure: str, label: int | None, n: int, total: float) -> dict:
@@ -262,6 +266,14 @@ def volumes_sidecar() -> dict[str, dict[str, object]]:
                 "the affine template-to-subject registration; n/a when not computed"
             ),
             "Units": "mm^3",
+        },
+        "localisation_ok": {
+            "Description": (
+                "Whether the localisation of the hippocampi passed its quality checks "
+                "(template registration similarity, plausible scale, hippocampus inside the image "
+                "and its box); False flags a segmentation to inspect before use"
+            ),
+            "Levels": {"True": "passed", "False": "doubtful"},
         },
     }
 

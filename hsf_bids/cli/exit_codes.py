@@ -1,0 +1,12 @@
+"""Exit codes of the BIDS Apps execution specification (draft)."""
+
+EX_OK = 0
+EX_FAILURE = 1
+EX_BIDS_INVALID = 16
+EX_UNKNOWN_LEVEL = 17
+EX_EMPTY_SELECTION = 18
+EX_USAGE = 64
+EX_DATAERR = 65
+EX_NOINPUT = 66
+EX_CANTCREAT = 73
+EX_IOERR = 74

@@ -1,0 +1,213 @@
+"""The BIDS Apps command line: ``hsf-bids bids_dir output_dir {participant,group}``."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import NoReturn
+
+from hsf_bids import __version__
+from hsf_bids.cli.exit_codes import EX_USAGE
+from hsf_bids.config import (
+    CA_MODES,
+    CONTRAST_CHOICES,
+    DEFAULT_PRESET,
+    DEVICES,
+    ENGINES,
+    FUSIONS,
+    PRECISIONS,
+)
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse exits 2 on a usage error; the BIDS Apps spec says 64."""
+
+    def error(self, message: str) -> NoReturn:
+        self.print_usage(sys.stderr)
+        self.exit(EX_USAGE, f"{self.prog}: error: {message}\n")
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def _mem_gb(text: str) -> float:
+    """``--mem-gb 8``, also ``8G``/``8GB``/``8000M`` for users of fMRIPrep's ``--mem``."""
+    t = text.strip().upper().removesuffix("B")
+    scale = 1.0
+    if t.endswith("G"):
+        t = t[:-1]
+    elif t.endswith("M"):
+        t, scale = t[:-1], 1 / 1024
+    try:
+        value = float(t) * scale
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"not a memory size in GB: {text!r}") from exc
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {text!r}")
+    return value
+
+
+def _ca_mode(text: str) -> str:
+    if text not in CA_MODES:
+        choices = ", ".join(repr(m) for m in CA_MODES)
+        raise argparse.ArgumentTypeError(f"unknown ca mode {text!r} (choose from {choices})")
+    return text
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """All options of ``hsf-bids``."""
+    p = _Parser(
+        prog="hsf-bids",
+        description=(
+            "Hippocampal subfield segmentation (dentate gyrus, CA1, CA2, CA3, subiculum) of T1w "
+            "and "
+            "T2w images of a BIDS dataset with the Hippocampal Segmentation Factory models."
+        ),
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("bids_dir", type=Path, help="the input BIDS dataset")
+    p.add_argument(
+        "output_dir",
+        type=Path,
+        help="where derivatives go (e.g. <bids_dir>/derivatives/hsf_bids is NOT allowed; use a "
+        "folder outside the input dataset)",
+    )
+    p.add_argument("analysis_level", help="'participant' or 'group'")
+    p.add_argument("--version", action="version", version=f"hsf-bids {__version__}")
+
+    g = p.add_argument_group("selecting data")
+    g.add_argument(
+        "--participant-label",
+        "--participant_label",
+        dest="participant_label",
+        nargs="+",
+        default=[],
+        metavar="LABEL",
+        help="subjects to process, with or without 'sub-' (default: all)",
+    )
+    g.add_argument(
+        "--session-label",
+        "--session_label",
+        dest="session_label",
+        nargs="+",
+        default=[],
+        metavar="LABEL",
+        help="sessions to process, with or without 'ses-' (default: all)",
+    )
+    g.add_argument(
+        "--bids-filter-file",
+        type=Path,
+        metavar="FILE",
+        help='JSON file of pybids filters per query, e.g. {"t1w": {"acquisition": "mprage"}}',
+    )
+    g.add_argument(
+        "--skip-bids-validation",
+        "--skip_bids_validation",
+        dest="skip_bids_validation",
+        action="store_true",
+        help="do not run the BIDS validator on the input dataset",
+    )
+    g.add_argument(
+        "--contrast",
+        choices=CONTRAST_CHOICES,
+        default="both",
+        help="images to segment; 'both' segments each T1w with its session's T2w (late fusion) "
+        "and every image without a partner alone",
+    )
+
+    g = p.add_argument_group("models and segmentation")
+    g.add_argument(
+        "--preset",
+        default=None,
+        help=f"named model set (see 'hsf-bids-models list'; default {DEFAULT_PRESET})",
+    )
+    g.add_argument("--hub", type=Path, metavar="FILE", help="a model author's preset YAML file")
+    g.add_argument(
+        "--models-dir",
+        type=Path,
+        metavar="DIR",
+        help="models folder (default: $HSF_BIDS_MODELS_DIR, else the user cache folder)",
+    )
+    g.add_argument(
+        "--offline",
+        action="store_true",
+        help="never use the network; a model file missing from the models folder is an error",
+    )
+    g.add_argument("--engine", choices=ENGINES, default="auto", help="inference engine")
+    g.add_argument("--device", choices=DEVICES, default="cpu", help="where the models run")
+    g.add_argument(
+        "--precision",
+        choices=PRECISIONS,
+        default=None,
+        help="numeric precision of the engine (default: the fastest the engine runs here; bf16 "
+        "needs a CPU with AMX or AVX512-BF16)",
+    )
+    g.add_argument(
+        "--ca-mode",
+        type=_ca_mode,
+        default=None,
+        metavar="MODE",
+        help="merge CA fields before the vote: '1/2/3' (none), '1/23', '123', or '' (whole "
+        "hippocampus); default: the preset's",
+    )
+    g.add_argument("--fusion", choices=FUSIONS, default="vote", help="how predictions combine")
+    g.add_argument("--seed", type=int, default=42, help="seed of registration and augmentation")
+    g.add_argument(
+        "--margin",
+        type=int,
+        nargs=3,
+        metavar=("LR", "PA", "IS"),
+        help="box margin in voxels around each hippocampus (default: HSF's, from the voxel size)",
+    )
+    g.add_argument(
+        "--batch-size",
+        type=_positive_int,
+        default=4,
+        help="augmented copies sent to the engine at once (memory grows with it)",
+    )
+
+    g = p.add_argument_group("resources and workflow")
+    g.add_argument("-w", "--work-dir", type=Path, metavar="DIR", help="Nipype working folder")
+    g.add_argument(
+        "--nprocs",
+        "--n-cpus",
+        "--n_cpus",
+        dest="nprocs",
+        type=_positive_int,
+        default=None,
+        help="CPUs for the whole run (default: all)",
+    )
+    g.add_argument(
+        "--omp-nthreads",
+        type=_positive_int,
+        default=None,
+        help="threads per process for registration and inference (default: min(nprocs, 8))",
+    )
+    g.add_argument(
+        "--mem-gb",
+        "--mem",
+        dest="mem_gb",
+        type=_mem_gb,
+        default=None,
+        metavar="GB",
+        help="memory limit for the scheduler, in GB",
+    )
+    g.add_argument(
+        "--use-plugin",
+        type=Path,
+        metavar="FILE",
+        help="Nipype plugin YAML (e.g. 'plugin: MultiProc' / 'Linear' with 'plugin_args')",
+    )
+    g.add_argument(
+        "--stop-on-first-crash",
+        action="store_true",
+        help="stop the whole run at the first failure instead of carrying on with other subjects",
+    )
+    g.add_argument("--write-graph", action="store_true", help="write the workflow graph (PNG/SVG)")
+    g.add_argument("-v", "--verbose", dest="verbosity", action="count", default=0, help="-v, -vv")
+    return p

@@ -1,0 +1,224 @@
+"""The participant level: validate, get the models, query the images, run the workflow."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+from hsf_bids.bids import BIDSQueryError, SegmentationJob, collect_jobs, validate_dataset
+from hsf_bids.cli import exit_codes as ex
+from hsf_bids.config import RunConfig
+
+LOGGER = logging.getLogger("hsf_bids")
+
+
+def _say(message: str) -> None:
+    print(f"hsf-bids: {message}", file=sys.stderr)
+
+
+def _validate_input(config: RunConfig) -> int | None:
+    """Run the BIDS validator on the input; an exit code when the dataset is invalid."""
+    if config.skip_bids_validation:
+        return None
+    try:
+        errors, _ = validate_dataset(config.bids_dir)
+    except FileNotFoundError as exc:
+        _say(f"warning: BIDS validation skipped: {exc}")
+        return None
+    except RuntimeError as exc:
+        _say(f"warning: BIDS validation skipped: {exc}")
+        return None
+    if errors:
+        _say(
+            f"error: the input dataset {config.bids_dir} is not valid BIDS "
+            f"({len(errors)} kind(s) of error); fix it or pass --skip-bids-validation:\n  "
+            + "\n  ".join(errors)
+        )
+        return ex.EX_BIDS_INVALID
+    return None
+
+
+def _check_images(jobs: list[SegmentationJob]) -> tuple[list[SegmentationJob], list[str]]:
+    """Read every selected image once before any work.
+
+    A truncated, 4D or empty image is reported with its file name and its job dropped (a bad
+    second contrast only leaves the first one alone), so other images and subjects still run.
+    """
+    from hsf_bids.image import InvalidImageError, load_anat
+
+    def problem(path: Path) -> str | None:
+        try:
+            load_anat(path)
+        except InvalidImageError as exc:
+            return str(exc)
+        return None
+
+    usable, invalid = [], []
+    for job in jobs:
+        primary = problem(job.image.path)
+        if primary:
+            invalid.append(primary)
+            _say(f"error: {primary}; {job.image.name} is not segmented")
+            continue
+        secondary = problem(job.secondary.path) if job.secondary else None
+        if secondary:
+            invalid.append(secondary)
+            _say(f"error: {secondary}; {job.image.name} is segmented without it")
+            job = SegmentationJob(job.image)
+        usable.append(job)
+    return usable, invalid
+
+
+def _models(config: RunConfig):  # noqa: ANN202
+    """The preset and its verified local model files (downloaded unless --offline)."""
+    from hsf_bids.hub import ensure_models, resolve_models_dir, resolve_preset
+
+    preset = resolve_preset(config.preset, config.hub)
+    models_dir = resolve_models_dir(config.models_dir)
+    paths = ensure_models(preset, models_dir, offline=config.offline)
+    return preset, paths
+
+
+def _hub_exit_code(exc: Exception) -> int:
+    from hsf_bids.hub import (
+        ChecksumError,
+        DownloadError,
+        HubNotFoundError,
+        ModelsMissingError,
+        UnknownPresetError,
+    )
+
+    if isinstance(exc, UnknownPresetError):
+        return ex.EX_USAGE
+    if isinstance(exc, HubNotFoundError | ModelsMissingError):
+        return ex.EX_NOINPUT
+    if isinstance(exc, ChecksumError):
+        return ex.EX_DATAERR
+    if isinstance(exc, DownloadError | OSError):
+        return ex.EX_IOERR
+    return ex.EX_DATAERR  # an invalid hub file
+
+
+def run_participant(config: RunConfig) -> int:
+    """Segment every selected image; returns the BIDS Apps exit code."""
+    from hsf_bids.engines import EngineError, resolve_engine
+    from hsf_bids.hub import HubError, ModelsError
+
+    code = _validate_input(config)
+    if code is not None:
+        return code
+    try:
+        jobs, without = collect_jobs(
+            config.bids_dir,
+            participant_labels=config.participant_labels,
+            session_labels=config.session_labels,
+            contrast=config.contrast,
+            bids_filters=config.bids_filters,
+        )
+    except BIDSQueryError as exc:
+        _say(f"error: {exc}")
+        return exc.exit_code
+    for reason in without:
+        _say(f"error: {reason}")
+    jobs, invalid = _check_images(jobs)
+    if not jobs:
+        return ex.EX_DATAERR
+
+    try:
+        preset, model_paths = _models(config)
+    except (HubError, ModelsError, OSError) as exc:
+        _say(f"error: {exc}")
+        return _hub_exit_code(exc)
+    try:
+        engine = resolve_engine(config.engine, config.device, config.precision)
+    except (EngineError, ValueError) as exc:
+        _say(f"error: {exc}")
+        return ex.EX_USAGE
+
+    from hsf_bids.outputs import DerivativesError, LutConflictError
+
+    try:
+        failed = _run_workflow(config, jobs, preset, model_paths, engine)
+    except (LutConflictError, DerivativesError) as exc:
+        _say(f"error: {exc}")
+        return ex.EX_CANTCREAT
+    _report(config, jobs, failed)
+    if failed:
+        return ex.EX_FAILURE
+    if invalid:
+        return ex.EX_DATAERR
+    if without:
+        return ex.EX_NOINPUT
+    return ex.EX_OK
+
+
+def _write_shared_files(config: RunConfig, ca_mode: str) -> None:
+    """The top-level files every participant job writes identically (safe in parallel)."""
+    from hsf_bids.outputs import lut_path, write_bidsignore, write_dataset_description, write_lut
+
+    warning = write_dataset_description(
+        config.output_dir, version=config.version, source_dataset=config.bids_dir
+    )
+    if warning:
+        _say(f"warning: {warning}")
+    write_lut(lut_path(config.output_dir), ca_mode)
+    write_bidsignore(config.output_dir)
+
+
+def _configure_nipype(config: RunConfig) -> None:
+    from nipype import config as ncfg
+    from nipype import logging as nlogging
+
+    ncfg.set("execution", "crashfile_format", "txt")
+    ncfg.set("execution", "stop_on_first_crash", str(config.stop_on_first_crash).lower())
+    ncfg.set("execution", "remove_unnecessary_outputs", "false")
+    ncfg.set("execution", "check_version", "false")  # no network at start-up
+    level = "INFO" if config.verbosity else "WARNING"
+    ncfg.set("logging", "workflow_level", level)
+    ncfg.set("logging", "interface_level", level)
+    ncfg.set("logging", "utils_level", "WARNING")
+    nlogging.update_logging(ncfg)
+
+
+def _run_workflow(
+    config: RunConfig,
+    jobs: list[SegmentationJob],
+    preset,  # noqa: ANN001 - hub Preset
+    model_paths: list[Path],
+    engine: tuple[str, str, str],
+) -> dict[str, list[Path]]:
+    """Build and run the workflow; returns the failed subjects with their crash files."""
+    from hsf_bids.workflows.base import init_hsf_wf, segmentation_settings
+
+    seg = segmentation_settings(config, preset, model_paths, engine)
+    _write_shared_files(config, seg.ca_mode)
+    subjects = sorted({job.subject for job in jobs})
+    for subject in subjects:
+        config.write(config.subject_log_dir(subject) / "config.json")
+    _configure_nipype(config)
+    wf = init_hsf_wf(jobs, config, seg)
+    if config.write_graph:
+        try:
+            wf.write_graph(graph2use="colored", format="svg", simple_form=True)
+        except Exception as exc:  # graphviz missing: the graph is optional
+            _say(f"warning: could not write the workflow graph: {exc}")
+    try:
+        wf.run(plugin=config.plugin, plugin_args=config.plugin_args)
+    except Exception as exc:  # noqa: BLE001 - node failures are reported from their crash files
+        LOGGER.debug("workflow ended with errors: %s", exc)
+    failed = {}
+    for subject in subjects:
+        crashes = sorted(config.subject_log_dir(subject).glob("crash-*.txt"))
+        if crashes:
+            failed[f"sub-{subject}"] = crashes
+    return failed
+
+
+def _report(config: RunConfig, jobs: list[SegmentationJob], failed: dict[str, list[Path]]) -> None:
+    done = sorted({f"sub-{j.subject}" for j in jobs} - set(failed))
+    if done:
+        _say(f"finished {', '.join(done)}; outputs in {config.output_dir}")
+    for subject, crashfiles in sorted(failed.items()):
+        where = ", ".join(str(p) for p in crashfiles) or str(config.output_dir)
+        _say(f"error: {subject} failed; details in {where}")

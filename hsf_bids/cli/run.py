@@ -1,0 +1,187 @@
+"""``hsf-bids``: check the arguments, build one workflow per subject and session, run it.
+
+Every error a user can cause ends here as one clear message and a BIDS Apps exit code, never a
+traceback.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from hsf_bids.cli import exit_codes as ex
+from hsf_bids.cli.parser import build_parser
+from hsf_bids.config import DEFAULT_PRESET, RunConfig
+
+LOGGER = logging.getLogger("hsf_bids")
+
+
+class UsageError(Exception):
+    """A problem with the command line or the environment, with the exit code to end with."""
+
+    def __init__(self, message: str, exit_code: int = ex.EX_USAGE) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+def _is_within(path: Path, parent: Path) -> bool:
+    return path == parent or parent in path.parents
+
+
+def _check_folders(bids_dir: Path, output_dir: Path, work_dir: Path) -> None:
+    """The guards of NiPreps apps: never write into the input dataset except its derivatives."""
+    if not bids_dir.is_dir():
+        raise UsageError(f"the BIDS folder {bids_dir} does not exist", ex.EX_NOINPUT)
+    if not (bids_dir / "dataset_description.json").is_file():
+        raise UsageError(
+            f"{bids_dir} is not a BIDS dataset: {bids_dir / 'dataset_description.json'} is missing",
+            ex.EX_NOINPUT,
+        )
+    suggestion = bids_dir / "derivatives" / "hsf_bids"
+    if output_dir == bids_dir:
+        raise UsageError(
+            f"the output folder is the input BIDS folder {bids_dir}; choose another one "
+            f"(suggestion: {suggestion})"
+        )
+    if _is_within(output_dir, bids_dir) and not _is_within(output_dir, bids_dir / "derivatives"):
+        raise UsageError(
+            f"the output folder {output_dir} is inside the input BIDS folder {bids_dir}, where it "
+            f"would be read as input; use {suggestion} or a folder outside the dataset"
+        )
+    if _is_within(work_dir, bids_dir):
+        raise UsageError(
+            f"the work folder {work_dir} is inside the input BIDS folder {bids_dir}; "
+            "choose a folder outside the dataset (-w/--work-dir)"
+        )
+    for folder, what in ((output_dir, "output"), (work_dir, "work")):
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise UsageError(
+                f"cannot create the {what} folder {folder}: {exc.strerror}", ex.EX_CANTCREAT
+            ) from exc
+        if not os.access(folder, os.W_OK):
+            raise UsageError(f"the {what} folder {folder} is not writable", ex.EX_CANTCREAT)
+
+
+def _plugin(path: Path | None, nprocs: int, omp_nthreads: int, mem_gb: float | None):  # noqa: ANN202
+    """Nipype plugin name and arguments (from a YAML file when given)."""
+    if path is not None:
+        import yaml
+
+        try:
+            settings = yaml.safe_load(path.read_text()) or {}
+        except (OSError, yaml.YAMLError) as exc:
+            raise UsageError(f"cannot read the plugin file {path}: {exc}") from exc
+        if not isinstance(settings, dict) or "plugin" not in settings:
+            raise UsageError(f"the plugin file {path} must have a 'plugin' key")
+        return str(settings["plugin"]), dict(settings.get("plugin_args") or {})
+    # With one node able to use every CPU, MultiProc only adds worker processes that each load
+    # the models again; Linear keeps one process, so the loaded models serve every subject.
+    if nprocs <= omp_nthreads:
+        return "Linear", {}
+    args: dict[str, object] = {"n_procs": nprocs, "raise_insufficient": False}
+    if mem_gb:
+        args["memory_gb"] = mem_gb
+    return "MultiProc", args
+
+
+def build_config(argv: Sequence[str] | None = None) -> RunConfig:
+    """Parse the command line into a :class:`RunConfig`, applying every guard."""
+    opts = build_parser().parse_args(argv)
+    if opts.analysis_level not in ("participant", "group"):
+        raise UsageError(
+            f"unknown analysis level {opts.analysis_level!r}: use 'participant' or 'group'",
+            ex.EX_UNKNOWN_LEVEL,
+        )
+    if opts.preset and opts.hub:
+        raise UsageError("--preset and --hub are exclusive: a hub file is a preset")
+    bids_dir = opts.bids_dir.expanduser().resolve()
+    output_dir = opts.output_dir.expanduser().resolve()
+    work_dir = (opts.work_dir or output_dir.parent / "work" / "hsf_bids").expanduser().resolve()
+    if opts.work_dir is None and _is_within(work_dir, bids_dir):
+        work_dir = output_dir / "work"
+    _check_folders(bids_dir, output_dir, work_dir)
+
+    filters = {}
+    if opts.bids_filter_file is not None:
+        from hsf_bids.bids import load_bids_filters
+
+        filters = load_bids_filters(opts.bids_filter_file)
+
+    nprocs = opts.nprocs or os.cpu_count() or 1
+    omp = opts.omp_nthreads or min(nprocs, 8)
+    if omp > nprocs:
+        raise UsageError(f"--omp-nthreads {omp} exceeds --nprocs {nprocs}")
+    plugin, plugin_args = _plugin(opts.use_plugin, nprocs, omp, opts.mem_gb)
+    hub = opts.hub.expanduser().resolve() if opts.hub else None
+    if hub is not None and not hub.is_file():
+        raise UsageError(f"the hub file {hub} does not exist", ex.EX_NOINPUT)
+    return RunConfig(
+        bids_dir=bids_dir,
+        output_dir=output_dir,
+        analysis_level=opts.analysis_level,
+        work_dir=work_dir,
+        participant_labels=tuple(opts.participant_label),
+        session_labels=tuple(opts.session_label),
+        bids_filters=filters,
+        skip_bids_validation=opts.skip_bids_validation,
+        contrast=opts.contrast,
+        nprocs=nprocs,
+        omp_nthreads=omp,
+        mem_gb=opts.mem_gb,
+        plugin=plugin,
+        plugin_args=plugin_args,
+        stop_on_first_crash=opts.stop_on_first_crash,
+        write_graph=opts.write_graph,
+        verbosity=opts.verbosity,
+        preset=None if hub else (opts.preset or DEFAULT_PRESET),
+        hub=hub,
+        models_dir=opts.models_dir.expanduser().resolve() if opts.models_dir else None,
+        offline=opts.offline,
+        engine=opts.engine,
+        device=opts.device,
+        precision=opts.precision,
+        ca_mode=opts.ca_mode,
+        fusion=opts.fusion,
+        seed=opts.seed,
+        margin=tuple(opts.margin) if opts.margin else None,
+        batch_size=opts.batch_size,
+    )
+
+
+def _setup_logging(verbosity: int) -> None:
+    level = logging.WARNING - 10 * min(verbosity + 1, 2)  # default INFO, -v DEBUG
+    logging.basicConfig(level=level, format="%(asctime)s %(name)s %(levelname)s: %(message)s")
+    logging.getLogger("nipype.workflow").setLevel(logging.INFO if verbosity else logging.WARNING)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``hsf-bids``; returns the exit code."""
+    try:
+        config = build_config(argv)
+    except UsageError as exc:
+        print(f"hsf-bids: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except ValueError as exc:  # a filter file or another input the parser read
+        print(f"hsf-bids: error: {exc}", file=sys.stderr)
+        return getattr(exc, "exit_code", ex.EX_USAGE)
+    _setup_logging(config.verbosity)
+    if config.analysis_level == "group":
+        print(
+            "hsf-bids: error: the group level is not available in this version "
+            "(the participant outputs hold each subject's volumes table)",
+            file=sys.stderr,
+        )
+        return ex.EX_USAGE
+    from hsf_bids.cli.participant import run_participant
+
+    return run_participant(config)
+
+
+def cli() -> None:
+    """Console script ``hsf-bids``."""
+    sys.exit(main())

@@ -1,0 +1,222 @@
+"""Thin Nipype interfaces over :mod:`hsf_bids.stages` (one per stage; no computation here)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from nipype.interfaces.base import (
+    BaseInterfaceInputSpec,
+    File,
+    SimpleInterface,
+    TraitedSpec,
+    traits,
+)
+
+from hsf_bids import stages
+
+
+class _LocaliseInput(BaseInterfaceInputSpec):
+    in_file = File(exists=True, mandatory=True, desc="head image (any orientation)")
+    contrast = traits.Enum("T1w", "T2w", mandatory=True, desc="picks the template")
+    seed = traits.Int(mandatory=True)
+    margin = traits.Either(None, traits.List(traits.Int, minlen=3, maxlen=3), usedefault=True)
+
+
+class _LocaliseOutput(TraitedSpec):
+    localisation = File(exists=True, desc="boxes, template-to-subject affine and QC (JSON)")
+
+
+class Localise(SimpleInterface):
+    """Register the template to the image and find the box of each hippocampus."""
+
+    input_spec = _LocaliseInput
+    output_spec = _LocaliseOutput
+
+    def _run_interface(self, runtime):  # noqa: ANN001, ANN202
+        self._results["localisation"] = str(
+            stages.localise(
+                self.inputs.in_file,
+                self.inputs.contrast,
+                runtime.cwd,
+                seed=self.inputs.seed,
+                margin=self.inputs.margin,
+            )
+        )
+        return runtime
+
+
+class _CoregisterInput(BaseInterfaceInputSpec):
+    in_file = File(exists=True, mandatory=True, desc="the second contrast")
+    reference = File(exists=True, mandatory=True, desc="the image whose grid outputs share")
+    seed = traits.Int(mandatory=True)
+
+
+class _CoregisterOutput(TraitedSpec):
+    out_file = File(exists=True, desc="in_file on the RAS+ grid of the reference")
+
+
+class Coregister(SimpleInterface):
+    """Register a second contrast to the reference image and resample it onto its grid."""
+
+    input_spec = _CoregisterInput
+    output_spec = _CoregisterOutput
+
+    def _run_interface(self, runtime):  # noqa: ANN001, ANN202
+        self._results["out_file"] = str(
+            stages.coregister(
+                self.inputs.in_file, self.inputs.reference, runtime.cwd, seed=self.inputs.seed
+            )
+        )
+        return runtime
+
+
+class _SegmentSideInput(BaseInterfaceInputSpec):
+    in_files = traits.List(File(exists=True), minlen=1, mandatory=True)
+    localisation = File(exists=True, mandatory=True)
+    side = traits.Enum("right", "left", mandatory=True)
+    models = traits.List(traits.Str, minlen=1, mandatory=True, desc="verified model files")
+    checksums = traits.List(
+        traits.Str, mandatory=True, desc="the models' XXH3-64, so a changed model reruns"
+    )
+    engine = traits.List(traits.Str, minlen=3, maxlen=3, desc="(engine, precision, device)")
+    threads = traits.Int(1, usedefault=True)
+    ca_mode = traits.Str(mandatory=True)
+    fusion = traits.Enum("vote", "mean", mandatory=True)
+    seed = traits.Int(mandatory=True)
+    test_time_augmentation = traits.Bool(mandatory=True)
+    num_augmentations = traits.Int(mandatory=True)
+    batch_size = traits.Int(4, usedefault=True)
+
+
+class _SegmentSideOutput(TraitedSpec):
+    labels = File(exists=True, desc="labels of the crop (ca_mode labels)")
+    uncertainty = File(exists=True, desc="entropy of the mean probability in the crop")
+
+
+class SegmentSide(SimpleInterface):
+    """Run the ensemble with test-time augmentation on one side's crop."""
+
+    input_spec = _SegmentSideInput
+    output_spec = _SegmentSideOutput
+
+    def _run_interface(self, runtime):  # noqa: ANN001, ANN202
+        i = self.inputs
+        labels, uncertainty = stages.segment_side(
+            i.in_files,
+            i.localisation,
+            i.side,
+            runtime.cwd,
+            models=i.models,
+            engine=i.engine,
+            threads=i.threads,
+            ca_mode=i.ca_mode,
+            fusion=i.fusion,
+            seed=i.seed,
+            test_time_augmentation=i.test_time_augmentation,
+            num_augmentations=i.num_augmentations,
+            batch_size=i.batch_size,
+        )
+        self._results.update(labels=str(labels), uncertainty=str(uncertainty))
+        return runtime
+
+
+class _PasteBackInput(BaseInterfaceInputSpec):
+    in_file = File(exists=True, mandatory=True)
+    localisation = File(exists=True, mandatory=True)
+    right_labels = File(exists=True, mandatory=True)
+    right_uncertainty = File(exists=True, mandatory=True)
+    left_labels = File(exists=True, mandatory=True)
+    left_uncertainty = File(exists=True, mandatory=True)
+
+
+class _PasteBackOutput(TraitedSpec):
+    dseg = File(exists=True, desc="bilateral labels on the grid of in_file")
+    uncertainty = File(exists=True, desc="uncertainty on the grid of in_file")
+
+
+class PasteBack(SimpleInterface):
+    """Put both sides back into the input's grid and orientation."""
+
+    input_spec = _PasteBackInput
+    output_spec = _PasteBackOutput
+
+    def _run_interface(self, runtime):  # noqa: ANN001, ANN202
+        i = self.inputs
+        dseg, uncertainty = stages.paste_back_sides(
+            i.in_file,
+            i.localisation,
+            {"right": i.right_labels, "left": i.left_labels},
+            {"right": i.right_uncertainty, "left": i.left_uncertainty},
+            runtime.cwd,
+        )
+        self._results.update(dseg=str(dseg), uncertainty=str(uncertainty))
+        return runtime
+
+
+class _DerivativesInput(BaseInterfaceInputSpec):
+    dseg = File(exists=True, mandatory=True)
+    uncertainty = File(exists=True, mandatory=True)
+    localisation = File(exists=True, mandatory=True)
+    source_file = File(exists=True, mandatory=True, desc="the input image (names the outputs)")
+    sources = traits.List(traits.Str, mandatory=True, desc="BIDS URIs of every input image")
+    output_dir = traits.Str(mandatory=True)
+    ca_mode = traits.Str(mandatory=True)
+    contrast = traits.Str(mandatory=True, desc="T1w, T2w or T1w+T2w")
+    provenance = traits.Dict(mandatory=True)
+
+
+class _DerivativesOutput(TraitedSpec):
+    out_dseg = File(exists=True)
+    out_uncertainty = File(exists=True)
+    volumes_part = File(exists=True, desc="this image's rows of the volumes table")
+
+
+class WriteDerivatives(SimpleInterface):
+    """Write the derivatives of one image under the output folder (atomically)."""
+
+    input_spec = _DerivativesInput
+    output_spec = _DerivativesOutput
+
+    def _run_interface(self, runtime):  # noqa: ANN001, ANN202
+        i = self.inputs
+        written, part = stages.write_derivatives(
+            i.dseg,
+            i.uncertainty,
+            i.localisation,
+            source_file=i.source_file,
+            sources=i.sources,
+            output_dir=i.output_dir,
+            ca_mode=i.ca_mode,
+            contrast=i.contrast,
+            provenance=i.provenance,
+            out_dir=runtime.cwd,
+        )
+        self._results.update(
+            out_dseg=str(written["dseg"]),
+            out_uncertainty=str(written["uncertainty"]),
+            volumes_part=str(part),
+        )
+        return runtime
+
+
+class _VolumesInput(BaseInterfaceInputSpec):
+    parts = traits.List(File(exists=True), minlen=1, mandatory=True)
+    source_file = File(exists=True, mandatory=True, desc="any image of the subject and session")
+    output_dir = traits.Str(mandatory=True)
+
+
+class _VolumesOutput(TraitedSpec):
+    out_file = File(exists=True)
+
+
+class VolumesTable(SimpleInterface):
+    """Assemble the volumes table of one subject and session."""
+
+    input_spec = _VolumesInput
+    output_spec = _VolumesOutput
+
+    def _run_interface(self, runtime):  # noqa: ANN001, ANN202
+        i = self.inputs
+        path = stages.write_volumes_table(i.parts, i.source_file, Path(i.output_dir))
+        self._results["out_file"] = str(path)
+        return runtime

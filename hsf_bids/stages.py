@@ -1,0 +1,262 @@
+"""The stages of one segmentation, as plain functions over files.
+
+Each stage reads its inputs from files, calls the pure computation (``image``, ``locate``,
+``segment``, ``outputs``) and writes its results into ``out_dir``, returning their paths. The
+Nipype interfaces are thin wrappers over these, so the stages can be run and tested without Nipype.
+
+Data path of one image (``in_file``; a second contrast joins through :func:`coregister`):
+``localise`` -> ``segment_side`` (right, left) -> ``paste_back`` -> ``write_derivatives`` ->
+``write_volumes_table`` (per subject and session).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import nibabel as nib
+import numpy as np
+import pandas as pd
+
+from hsf_bids.image import from_ras, load_anat, to_ras
+from hsf_bids.locate import SIDES, Box, crop, locate, register_to, resample_to
+
+LOCALISATION_JSON = "localisation.json"
+
+
+def _write_json(obj: Any, path: Path) -> Path:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, path)
+    return path
+
+
+def read_localisation(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """A localisation written by :func:`localise` (boxes as :class:`Box`)."""
+    data = json.loads(Path(path).read_text())
+    data["boxes"] = {side: box_from_dict(box) for side, box in data["boxes"].items()}
+    return data
+
+
+def box_from_dict(values: Mapping[str, Any]) -> Box:
+    """The inverse of :meth:`Box.to_dict`."""
+    derived = {"shape", "fraction_outside"}
+    fields = {k: v for k, v in values.items() if k not in derived}
+    for key in ("start", "stop", "label_start", "label_stop", "margin", "clipped_voxels"):
+        fields[key] = tuple(int(v) for v in fields[key])
+    return Box(**fields)
+
+
+def _ras_image(in_file: str | os.PathLike[str]) -> tuple[nib.Nifti1Image, np.ndarray]:
+    return to_ras(load_anat(in_file))
+
+
+def localise(
+    in_file: str | os.PathLike[str],
+    contrast: str,
+    out_dir: str | os.PathLike[str],
+    *,
+    seed: int,
+    margin: Sequence[int] | None = None,
+) -> Path:
+    """Register the template to ``in_file`` and find both boxes; writes ``localisation.json``.
+
+    The JSON holds the boxes (RAS+ voxels of the input), the template-to-subject affine, the QC
+    values, warnings and the reasons a localisation is doubtful.
+    """
+    ras, _ = _ras_image(in_file)
+    loc = locate(ras, contrast, margin=margin, seed=seed)
+    record = {"source": str(in_file), **loc.to_dict()}
+    return _write_json(record, Path(out_dir) / LOCALISATION_JSON)
+
+
+def coregister(
+    in_file: str | os.PathLike[str],
+    reference_file: str | os.PathLike[str],
+    out_dir: str | os.PathLike[str],
+    *,
+    seed: int,
+) -> Path:
+    """Register a second contrast to the reference image and resample it onto the reference's
+    RAS+ grid (linear); writes ``coregistered.nii.gz`` and the transform as JSON."""
+    moving, _ = _ras_image(in_file)
+    fixed, _ = _ras_image(reference_file)
+    moving_to_fixed = register_to(moving, fixed, seed=seed)
+    out = Path(out_dir)
+    _write_json(
+        {"source": str(in_file), "reference": str(reference_file),
+         "moving_to_fixed": moving_to_fixed.tolist()},
+        out / "coregistration.json",
+    )  # fmt: skip
+    path = out / "coregistered.nii.gz"
+    nib.save(resample_to(moving, fixed, moving_to_fixed), path)
+    return path
+
+
+def side_seed(seed: int, side: str) -> np.random.Generator:
+    """Independent, reproducible augmentation streams for the two sides of one run."""
+    return np.random.default_rng(np.random.SeedSequence([int(seed), SIDES.index(side)]))
+
+
+def segment_side(
+    in_files: Sequence[str | os.PathLike[str]],
+    localisation_file: str | os.PathLike[str],
+    side: str,
+    out_dir: str | os.PathLike[str],
+    *,
+    models: Sequence[str | os.PathLike[str]],
+    engine: Sequence[str],
+    threads: int,
+    ca_mode: str,
+    fusion: str,
+    seed: int,
+    test_time_augmentation: bool,
+    num_augmentations: int,
+    batch_size: int,
+) -> tuple[Path, Path]:
+    """Segment one side's crop with every model; writes the crop's labels and uncertainty.
+
+    ``in_files``: the image whose grid the outputs share, then optionally a second contrast
+    already on that image's RAS+ grid (:func:`coregister`). ``engine`` is ``(engine, precision,
+    device)``. Outputs are NIfTI crops (``labels.nii.gz`` uint8 in ``ca_mode`` labels,
+    ``uncertainty.nii.gz`` float32) placed in the world where the crop lies.
+    """
+    from hsf_bids.engines import get_session
+    from hsf_bids.segment import segment_crop
+
+    box = read_localisation(localisation_file)["boxes"][side]
+    primary, _ = _ras_image(in_files[0])
+    spacing = tuple(float(z) for z in primary.header.get_zooms()[:3])
+    crops = [(crop(np.asarray(primary.dataobj), box), spacing)]
+    for extra in in_files[1:]:
+        crops.append((crop(np.asarray(nib.load(extra).dataobj), box), spacing))
+    name, precision, device = engine
+    sessions = [
+        get_session(path, engine=name, precision=precision, device=device, threads=threads)
+        for path in models
+    ]
+    result = segment_crop(
+        crops,
+        sessions,
+        ca_mode=ca_mode,
+        test_time_augmentation=test_time_augmentation,
+        num_augmentations=num_augmentations,
+        fusion=fusion,
+        seed=side_seed(seed, side),
+        batch_size=batch_size,
+    )
+    crop_affine = primary.affine.copy()
+    crop_affine[:3, 3] = primary.affine[:3, :3] @ np.asarray(box.start) + primary.affine[:3, 3]
+    out = Path(out_dir)
+    labels_path, uncertainty_path = out / "labels.nii.gz", out / "uncertainty.nii.gz"
+    nib.save(nib.Nifti1Image(result.labels.astype(np.uint8), crop_affine), labels_path)
+    nib.save(nib.Nifti1Image(result.uncertainty.astype(np.float32), crop_affine), uncertainty_path)
+    return labels_path, uncertainty_path
+
+
+def paste_back_sides(
+    in_file: str | os.PathLike[str],
+    localisation_file: str | os.PathLike[str],
+    side_labels: Mapping[str, str | os.PathLike[str]],
+    side_uncertainty: Mapping[str, str | os.PathLike[str]],
+    out_dir: str | os.PathLike[str],
+) -> tuple[Path, Path]:
+    """Assemble both sides into one bilateral label image and one uncertainty map on the exact
+    grid (shape, voxel order, header) of ``in_file``.
+
+    Side labels become bilateral indices (:func:`hsf_bids.outputs.lut.bilateral_index`). Where
+    two boxes overlap, a labelled voxel wins over background, and between two labels the less
+    uncertain one wins.
+    """
+    from hsf_bids.outputs.derivatives import image_on_grid
+    from hsf_bids.outputs.lut import bilateral_index
+
+    source = nib.load(in_file)
+    ras, ornt = _ras_image(in_file)
+    boxes = read_localisation(localisation_file)["boxes"]
+    labels = np.zeros(ras.shape, dtype=np.uint8)
+    uncertainty = np.zeros(ras.shape, dtype=np.float32)
+    for side in SIDES:
+        box = boxes[side]
+        side_lab = np.asarray(nib.load(side_labels[side]).dataobj).astype(np.uint8)
+        side_unc = np.asarray(nib.load(side_uncertainty[side]).dataobj).astype(np.float32)
+        region_lab, region_unc = labels[box.slices], uncertainty[box.slices]  # views
+        wins = (side_lab > 0) & ((region_lab == 0) | (side_unc < region_unc))
+        region_lab[wins] = bilateral_index(side, side_lab[wins])
+        region_unc[wins] = side_unc[wins]
+        background = region_lab == 0
+        region_unc[background] = np.maximum(region_unc[background], side_unc[background])
+    out = Path(out_dir)
+    dseg = out / "dseg.nii.gz"
+    unc = out / "uncertainty.nii.gz"
+    nib.save(image_on_grid(from_ras(labels, ornt), source, np.uint8, intent="label"), dseg)
+    nib.save(image_on_grid(from_ras(uncertainty, ornt), source, np.float32), unc)
+    return dseg, unc
+
+
+def write_derivatives(
+    dseg_file: str | os.PathLike[str],
+    uncertainty_file: str | os.PathLike[str],
+    localisation_file: str | os.PathLike[str],
+    *,
+    source_file: str | os.PathLike[str],
+    sources: Sequence[str],
+    output_dir: str | os.PathLike[str],
+    ca_mode: str,
+    contrast: str,
+    provenance: Mapping[str, Any],
+    out_dir: str | os.PathLike[str],
+) -> tuple[dict[str, Path], Path]:
+    """Write the image's derivatives (atomically) and its rows of the volumes table.
+
+    Returns the written derivative paths and a TSV of this image's volume rows in ``out_dir``
+    (the session's table is assembled by :func:`write_volumes_table`).
+    """
+    from hsf_bids.outputs import Entities, compute_volumes, estimate_icv_mm3, write_segmentation
+
+    entities = Entities.from_filename(source_file)
+    loc = json.loads(Path(localisation_file).read_text())
+    source = nib.load(source_file)
+    labels = np.asarray(nib.load(dseg_file).dataobj)
+    uncertainty = np.asarray(nib.load(uncertainty_file).dataobj, dtype=np.float32)
+    record = {
+        **provenance,
+        "Localisation": {
+            key: loc[key]
+            for key in ("boxes", "qc", "qc_ok", "warnings", "doubtful_reasons",
+                        "template_to_subject", "seed", "resolution")
+        },
+    }  # fmt: skip
+    written = write_segmentation(
+        output_dir, entities, labels, uncertainty, source, sources=sources, provenance=record
+    )
+    icv = estimate_icv_mm3(np.asarray(loc["template_to_subject"]))
+    table = compute_volumes(
+        labels, uncertainty, source.affine, ca_mode,
+        entities=entities, contrast=contrast, icv_mm3=icv, localisation_ok=bool(loc["qc_ok"]),
+    )  # fmt: skip
+    part = Path(out_dir) / "volumes_part.tsv"
+    table.to_csv(part, sep="\t", index=False, na_rep="n/a")
+    return written, part
+
+
+def write_volumes_table(
+    parts: Sequence[str | os.PathLike[str]],
+    source_file: str | os.PathLike[str],
+    output_dir: str | os.PathLike[str],
+) -> Path:
+    """Concatenate the volume rows of every image of one subject and session into its
+    ``_desc-subfields_volumes.tsv`` (with its JSON data dictionary)."""
+    from hsf_bids.outputs import Entities, volumes_path, write_volumes
+
+    frames = [
+        pd.read_csv(p, sep="\t", na_values="n/a", keep_default_na=False, dtype={"run": str})
+        for p in parts
+    ]
+    table = pd.concat(frames, ignore_index=True)
+    path = volumes_path(output_dir, Entities.from_filename(source_file))
+    write_volumes(table, path)
+    return path
