@@ -60,3 +60,18 @@ def templateflow_home(shared_dir: Path) -> Path:
         conf._cache.precached = True
         conf._cache.__dict__.pop("layout", None)  # the pybids layout of the old home
     return home
+
+
+@pytest.fixture(scope="session")
+def fast_hub(demo_hub: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The demo models without test-time augmentation (as HSF's ``*_fast`` presets): a hub file
+    whose ``file://`` URLs point at the shared models, which are used in place."""
+    import yaml
+
+    hub = yaml.safe_load(demo_hub.read_text())
+    for name, entry in hub["models"].items():
+        entry["url"] = (demo_hub.parent / name).as_uri()
+    hub["segmentation"]["test_time_augmentation"] = False
+    path = tmp_path_factory.mktemp("hub") / "demo_fast.yaml"
+    path.write_text(yaml.safe_dump(hub))
+    return path
