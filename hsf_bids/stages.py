@@ -252,10 +252,8 @@ def write_volumes_table(
     ``_desc-subfields_volumes.tsv`` (with its JSON data dictionary)."""
     from hsf_bids.outputs import Entities, volumes_path, write_volumes
 
-    frames = [
-        pd.read_csv(p, sep="\t", na_values="n/a", keep_default_na=False, dtype={"run": str})
-        for p in parts
-    ]
+    # As text: every value is carried over exactly as the image's stage wrote it.
+    frames = [pd.read_csv(p, sep="\t", dtype=str, keep_default_na=False) for p in parts]
     table = pd.concat(frames, ignore_index=True)
     path = volumes_path(output_dir, Entities.from_filename(source_file))
     write_volumes(table, path)

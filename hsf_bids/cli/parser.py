@@ -68,14 +68,13 @@ def build_parser() -> argparse.ArgumentParser:
             "and "
             "T2w images of a BIDS dataset with the Hippocampal Segmentation Factory models."
         ),
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("bids_dir", type=Path, help="the input BIDS dataset")
     p.add_argument(
         "output_dir",
         type=Path,
-        help="where derivatives go (e.g. <bids_dir>/derivatives/hsf_bids is NOT allowed; use a "
-        "folder outside the input dataset)",
+        help="where derivatives go: a folder outside the input dataset, or "
+        "<bids_dir>/derivatives/hsf_bids",
     )
     p.add_argument("analysis_level", help="'participant' or 'group'")
     p.add_argument("--version", action="version", version=f"hsf-bids {__version__}")
@@ -117,7 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
         choices=CONTRAST_CHOICES,
         default="both",
         help="images to segment; 'both' segments each T1w with its session's T2w (late fusion) "
-        "and every image without a partner alone",
+        "and every image without a partner alone (default: both)",
     )
 
     g = p.add_argument_group("models and segmentation")
@@ -138,8 +137,15 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="never use the network; a model file missing from the models folder is an error",
     )
-    g.add_argument("--engine", choices=ENGINES, default="auto", help="inference engine")
-    g.add_argument("--device", choices=DEVICES, default="cpu", help="where the models run")
+    g.add_argument(
+        "--engine",
+        choices=ENGINES,
+        default="auto",
+        help="inference engine; auto picks the fastest available (default: auto)",
+    )
+    g.add_argument(
+        "--device", choices=DEVICES, default="cpu", help="where the models run (default: cpu)"
+    )
     g.add_argument(
         "--precision",
         choices=PRECISIONS,
@@ -155,8 +161,20 @@ def build_parser() -> argparse.ArgumentParser:
         help="merge CA fields before the vote: '1/2/3' (none), '1/23', '123', or '' (whole "
         "hippocampus); default: the preset's",
     )
-    g.add_argument("--fusion", choices=FUSIONS, default="vote", help="how predictions combine")
-    g.add_argument("--seed", type=int, default=42, help="seed of registration and augmentation")
+    g.add_argument(
+        "--fusion",
+        choices=FUSIONS,
+        default="vote",
+        help="vote: HSF's plurality vote of every prediction; mean: argmax of the mean "
+        "probability (default: vote)",
+    )
+    g.add_argument(
+        "--seed",
+        type=int,
+        default=42,
+        help="seed of registration and augmentation: the same seed and settings give "
+        "byte-identical outputs (default: 42)",
+    )
     g.add_argument(
         "--margin",
         type=int,
@@ -168,7 +186,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--batch-size",
         type=_positive_int,
         default=4,
-        help="augmented copies sent to the engine at once (memory grows with it)",
+        help="augmented copies sent to the engine at once; memory grows with it, results do "
+        "not change (default: 4)",
     )
 
     g = p.add_argument_group("resources and workflow")
@@ -186,7 +205,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--omp-nthreads",
         type=_positive_int,
         default=None,
-        help="threads per process for registration and inference (default: min(nprocs, 8))",
+        help="threads of each inference process (default: min(nprocs, 8)); registration runs "
+        "on one thread so that results are reproducible",
     )
     g.add_argument(
         "--mem-gb",
@@ -208,6 +228,8 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="stop the whole run at the first failure instead of carrying on with other subjects",
     )
-    g.add_argument("--write-graph", action="store_true", help="write the workflow graph (PNG/SVG)")
+    g.add_argument(
+        "--write-graph", action="store_true", help="write the workflow graph (SVG, needs graphviz)"
+    )
     g.add_argument("-v", "--verbose", dest="verbosity", action="count", default=0, help="-v, -vv")
     return p
