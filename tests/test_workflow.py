@@ -247,3 +247,37 @@ def test_killed_run_resumes_with_the_same_outputs(parallel_run, ds_mini, fast_hu
     log = finish(again)
     assert again.returncode == 0, log
     assert _results(tmp_path / "work") == before
+
+
+def test_a_failing_subject_leaves_a_crash_file_and_the_others_finish(
+    ds_mini, fast_hub, templateflow_home, tmp_path
+):
+    """sub-01's image is readable but holds no head (a 12 mm cube of noise far from the
+    origin): its localisation fails inside the workflow, sub-02 is still segmented."""
+    import shutil
+
+    bids = tmp_path / "bids"
+    shutil.copytree(ds_mini, bids)
+    cube = np.random.default_rng(0).uniform(0, 100, (12, 12, 12)).astype(np.float32)
+    affine = np.diag([1.0, 1.0, 1.0, 1.0])
+    affine[:3, 3] = 400.0
+    nib.save(nib.Nifti1Image(cube, affine), bids / "sub-01/anat/sub-01_T1w.nii.gz")
+    out = tmp_path / "out"
+    proc = hsf_bids(bids, out, "participant", "--participant-label", "01", "02", "--hub",
+                    fast_hub, "--skip-bids-validation", "-w", tmp_path / "work")  # fmt: skip
+    log = finish(proc)
+    assert proc.returncode == 1, log
+    crashes = list((out / "sub-01" / "log").glob("*/crash-*.txt"))
+    assert crashes, log
+    assert "localise" in crashes[0].name
+    assert "sub-01_T1w.nii.gz" in crashes[0].read_text()
+    assert (
+        "sub-01 failed: hsf_bids.locate.LocalisationError: "
+        f"{bids / 'sub-01/anat/sub-01_T1w.nii.gz'}: the warped right hippocampus lies entirely "
+        "outside the image"
+    ) in log
+    assert f"details in {crashes[0]}" in log
+    assert not list(out.glob("sub-01/anat/*"))
+    assert (out / "sub-02/anat/sub-02_space-T2w_desc-subfields_dseg.nii.gz").is_file()
+    assert not list((out / "sub-02" / "log").glob("*/crash-*.txt"))
+    assert "finished sub-02" in log

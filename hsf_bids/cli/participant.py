@@ -215,10 +215,17 @@ def _run_workflow(
     return failed
 
 
+def _crash_reason(crashfile: Path) -> str:
+    """The exception line that ends a Nipype text crash file (what the user needs first)."""
+    lines = [line.strip() for line in crashfile.read_text(errors="replace").splitlines()]
+    lines = [line for line in lines if line]
+    return lines[-1] if lines else "unknown error"
+
+
 def _report(config: RunConfig, jobs: list[SegmentationJob], failed: dict[str, list[Path]]) -> None:
     done = sorted({f"sub-{j.subject}" for j in jobs} - set(failed))
     if done:
         _say(f"finished {', '.join(done)}; outputs in {config.output_dir}")
     for subject, crashfiles in sorted(failed.items()):
-        where = ", ".join(str(p) for p in crashfiles) or str(config.output_dir)
-        _say(f"error: {subject} failed; details in {where}")
+        for crashfile in crashfiles:
+            _say(f"error: {subject} failed: {_crash_reason(crashfile)}; details in {crashfile}")
