@@ -163,6 +163,17 @@ class Box:
             "fraction_outside": self.fraction_outside,
         }
 
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> Box:
+        """The inverse of :meth:`to_dict` (derived values are recomputed, not read)."""
+        tuples = ("start", "stop", "label_start", "label_stop", "margin", "clipped_voxels")
+        return cls(
+            side=str(values["side"]),
+            **{key: tuple(int(v) for v in values[key]) for key in tuples},
+            label_voxels=int(values["label_voxels"]),
+            label_voxels_outside=int(values["label_voxels_outside"]),
+        )
+
 
 @dataclass
 class Localisation:

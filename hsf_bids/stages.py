@@ -23,31 +23,16 @@ import pandas as pd
 
 from hsf_bids.image import from_ras, load_anat, to_ras
 from hsf_bids.locate import SIDES, Box, crop, locate, register_to, resample_to
+from hsf_bids.outputs.derivatives import write_json
 
 LOCALISATION_JSON = "localisation.json"
-
-
-def _write_json(obj: Any, path: Path) -> Path:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, path)
-    return path
 
 
 def read_localisation(path: str | os.PathLike[str]) -> dict[str, Any]:
     """A localisation written by :func:`localise` (boxes as :class:`Box`)."""
     data = json.loads(Path(path).read_text())
-    data["boxes"] = {side: box_from_dict(box) for side, box in data["boxes"].items()}
+    data["boxes"] = {side: Box.from_dict(box) for side, box in data["boxes"].items()}
     return data
-
-
-def box_from_dict(values: Mapping[str, Any]) -> Box:
-    """The inverse of :meth:`Box.to_dict`."""
-    derived = {"shape", "fraction_outside"}
-    fields = {k: v for k, v in values.items() if k not in derived}
-    for key in ("start", "stop", "label_start", "label_stop", "margin", "clipped_voxels"):
-        fields[key] = tuple(int(v) for v in fields[key])
-    return Box(**fields)
 
 
 def _ras_image(in_file: str | os.PathLike[str]) -> tuple[nib.Nifti1Image, np.ndarray]:
@@ -70,7 +55,7 @@ def localise(
     ras, _ = _ras_image(in_file)
     loc = locate(ras, contrast, margin=margin, seed=seed)
     record = {"source": str(in_file), **loc.to_dict()}
-    return _write_json(record, Path(out_dir) / LOCALISATION_JSON)
+    return write_json(record, Path(out_dir) / LOCALISATION_JSON)
 
 
 def coregister(
@@ -86,7 +71,7 @@ def coregister(
     fixed, _ = _ras_image(reference_file)
     moving_to_fixed = register_to(moving, fixed, seed=seed)
     out = Path(out_dir)
-    _write_json(
+    write_json(
         {"source": str(in_file), "reference": str(reference_file),
          "moving_to_fixed": moving_to_fixed.tolist()},
         out / "coregistration.json",

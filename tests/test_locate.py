@@ -332,3 +332,12 @@ def _mutual_information(a: np.ndarray, b: np.ndarray) -> float:
     outer = p.sum(axis=1, keepdims=True) @ p.sum(axis=0, keepdims=True)
     nz = p > 0
     return float((p[nz] * np.log(p[nz] / outer[nz])).sum())
+
+
+def test_box_survives_a_json_round_trip():
+    import json
+
+    box = L.make_box("left", (3, 4, 5), np.ones((6, 7, 8), bool), (20, 30, 40), (8, 8, 8))
+    again = L.Box.from_dict(json.loads(json.dumps(box.to_dict())))
+    assert again == box
+    assert again.slices == box.slices and again.clipped_voxels == box.clipped_voxels
