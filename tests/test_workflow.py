@@ -131,7 +131,9 @@ def test_volumes_tables_equal_the_segmentations(full_run, ds_mini):
             if inside.any():
                 assert row.mean_uncertainty == pytest.approx(entropy[inside].mean(), abs=1e-6)
         assert table["icv_mm3"].between(0.6e6, 2.0e6).all()
-        text = pd.read_csv(out / f"{prefix}_desc-subfields_volumes.tsv", sep="\t", dtype=str)
+        text = pd.read_csv(
+            out / f"{prefix}_desc-subfields_volumes.tsv", sep="\t", dtype=str, keep_default_na=False
+        )
         assert text["label"].str.fullmatch(r"\d+|n/a").all()  # integers, as in the dseg
         assert set(table["side"]) == {"left", "right"}
         assert table["localisation_ok"].all()
