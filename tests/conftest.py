@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -75,3 +77,33 @@ def fast_hub(demo_hub: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("hub") / "demo_fast.yaml"
     path.write_text(yaml.safe_dump(hub))
     return path
+
+
+def hsf_bids(*args: str | Path, **kwargs) -> subprocess.Popen:
+    """Start ``python -m hsf_bids`` (the console script's code) in its own process group."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "hsf_bids", *map(str, args)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+        **kwargs,
+    )
+
+
+def finish(proc: subprocess.Popen, timeout: float = 900) -> str:
+    out, _ = proc.communicate(timeout=timeout)
+    return out
+
+
+@pytest.fixture(scope="session")
+def parallel_run(ds_mini, fast_hub, templateflow_home, tmp_path_factory):
+    """Four participant jobs started at once into one output folder (default work folder)."""
+    root = tmp_path_factory.mktemp("parallel")
+    procs = [
+        hsf_bids(ds_mini, root / "out", "participant", "--participant-label", label,
+                 "--hub", fast_hub, "--nprocs", "1")
+        for label in ("01", "02", "03", "04")
+    ]  # fmt: skip
+    logs = [finish(p) for p in procs]
+    return root / "out", [p.returncode for p in procs], logs

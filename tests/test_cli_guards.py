@@ -218,9 +218,3 @@ def test_preset_and_hub_are_exclusive(capsys, ds_mini, tmp_path, demo_hub):
     )  # fmt: skip
     assert code == 64
     assert "--preset and --hub are exclusive" in err
-
-
-def test_group_level_is_not_available_yet(capsys, ds_mini, tmp_path):
-    code, err = run(capsys, ds_mini, tmp_path / "out", "group")
-    assert code == 64
-    assert "the group level is not available in this version" in err

@@ -10,8 +10,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -20,6 +18,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import yaml
+from conftest import finish, hsf_bids
 
 from hsf_bids.bids import validate_dataset
 from hsf_bids.hub import xxh3_64_file
@@ -35,23 +34,6 @@ IMAGES = {
 }
 
 
-def hsf_bids(*args: str | Path, **kwargs) -> subprocess.Popen:
-    """Start ``python -m hsf_bids`` (the console script's code) in its own process group."""
-    return subprocess.Popen(
-        [sys.executable, "-m", "hsf_bids", *map(str, args)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=True,
-        **kwargs,
-    )
-
-
-def finish(proc: subprocess.Popen, timeout: float = 900) -> str:
-    out, _ = proc.communicate(timeout=timeout)
-    return out
-
-
 @pytest.fixture(scope="session")
 def full_run(ds_mini, demo_hub, templateflow_home, tmp_path_factory):
     """``hsf-bids ds-mini out participant --hub demo.yaml``: every subject and session."""
@@ -59,19 +41,6 @@ def full_run(ds_mini, demo_hub, templateflow_home, tmp_path_factory):
     proc = hsf_bids(ds_mini, root / "out", "participant", "--hub", demo_hub, "-w", root / "work")
     log = finish(proc)
     return root / "out", proc.returncode, log
-
-
-@pytest.fixture(scope="session")
-def parallel_run(ds_mini, fast_hub, templateflow_home, tmp_path_factory):
-    """Four participant jobs started at once into one output folder (default work folder)."""
-    root = tmp_path_factory.mktemp("parallel")
-    procs = [
-        hsf_bids(ds_mini, root / "out", "participant", "--participant-label", label,
-                 "--hub", fast_hub, "--nprocs", "1")
-        for label in ("01", "02", "03", "04")
-    ]  # fmt: skip
-    logs = [finish(p) for p in procs]
-    return root / "out", [p.returncode for p in procs], logs
 
 
 def test_full_run_segments_every_subject_and_session(full_run):
@@ -283,3 +252,15 @@ def test_a_failing_subject_leaves_a_crash_file_and_the_others_finish(
     assert (out / "sub-02/anat/sub-02_space-T2w_desc-subfields_dseg.nii.gz").is_file()
     assert not list((out / "sub-02" / "log").glob("*/crash-*.txt"))
     assert "finished sub-02" in log
+    # The group level still runs, and lists the failure with its reason.
+    grouped = hsf_bids(bids, out, "group")
+    log = finish(grouped)
+    assert grouped.returncode == 0, log
+    failures = pd.read_csv(out / "group_failures.tsv", sep="\t").set_index("participant_id")
+    # sub-03 and sub-04 were not run at all: missing, not failed
+    assert failures["status"].to_dict() == {"sub-01": "failed", "sub-03": "missing",
+                                            "sub-04": "missing"}  # fmt: skip
+    assert "LocalisationError" in failures.loc["sub-01", "reason"]
+    report = (out / "group_report.html").read_text()
+    assert "sub-01" in report and "the warped right hippocampus lies entirely outside" in report
+    assert len(pd.read_csv(out / "group_volumes_wide.tsv", sep="\t")) == 1

@@ -9,6 +9,7 @@ from pathlib import Path
 from hsf_bids.bids import BIDSQueryError, SegmentationJob, collect_jobs, validate_dataset
 from hsf_bids.cli import exit_codes as ex
 from hsf_bids.config import RunConfig
+from hsf_bids.logs import crash_files, crash_reason
 
 LOGGER = logging.getLogger("hsf_bids")
 
@@ -209,17 +210,10 @@ def _run_workflow(
         LOGGER.debug("workflow ended with errors: %s", exc)
     failed = {}
     for subject in subjects:
-        crashes = sorted(config.subject_log_dir(subject).glob("crash-*.txt"))
+        crashes = crash_files(config.subject_log_dir(subject))
         if crashes:
             failed[f"sub-{subject}"] = crashes
     return failed
-
-
-def _crash_reason(crashfile: Path) -> str:
-    """The exception line that ends a Nipype text crash file (what the user needs first)."""
-    lines = [line.strip() for line in crashfile.read_text(errors="replace").splitlines()]
-    lines = [line for line in lines if line]
-    return lines[-1] if lines else "unknown error"
 
 
 def _report(config: RunConfig, jobs: list[SegmentationJob], failed: dict[str, list[Path]]) -> None:
@@ -228,4 +222,4 @@ def _report(config: RunConfig, jobs: list[SegmentationJob], failed: dict[str, li
         _say(f"finished {', '.join(done)}; outputs in {config.output_dir}")
     for subject, crashfiles in sorted(failed.items()):
         for crashfile in crashfiles:
-            _say(f"error: {subject} failed: {_crash_reason(crashfile)}; details in {crashfile}")
+            _say(f"error: {subject} failed: {crash_reason(crashfile)}; details in {crashfile}")

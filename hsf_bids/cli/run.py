@@ -31,8 +31,11 @@ def _is_within(path: Path, parent: Path) -> bool:
     return path == parent or parent in path.parents
 
 
-def _check_folders(bids_dir: Path, output_dir: Path, work_dir: Path) -> None:
-    """The guards of NiPreps apps: never write into the input dataset except its derivatives."""
+def _check_folders(bids_dir: Path, output_dir: Path, work_dir: Path, level: str) -> None:
+    """The guards of NiPreps apps: never write into the input dataset except its derivatives.
+
+    The group level reads what the participant level wrote, so its output folder must exist.
+    """
     if not bids_dir.is_dir():
         raise UsageError(f"the BIDS folder {bids_dir} does not exist", ex.EX_NOINPUT)
     if not (bids_dir / "dataset_description.json").is_file():
@@ -56,6 +59,14 @@ def _check_folders(bids_dir: Path, output_dir: Path, work_dir: Path) -> None:
             f"the work folder {work_dir} is inside the input BIDS folder {bids_dir}; "
             "choose a folder outside the dataset (-w/--work-dir)"
         )
+    if level == "group":
+        if not output_dir.is_dir():
+            raise UsageError(
+                f"no participant results in {output_dir}: the folder does not exist; "
+                "run the participant level first",
+                ex.EX_NOINPUT,
+            )
+        return
     for folder, what in ((output_dir, "output"), (work_dir, "work")):
         try:
             folder.mkdir(parents=True, exist_ok=True)
@@ -104,7 +115,7 @@ def build_config(argv: Sequence[str] | None = None) -> RunConfig:
     work_dir = (opts.work_dir or output_dir.parent / "work" / "hsf_bids").expanduser().resolve()
     if opts.work_dir is None and _is_within(work_dir, bids_dir):
         work_dir = output_dir / "work"
-    _check_folders(bids_dir, output_dir, work_dir)
+    _check_folders(bids_dir, output_dir, work_dir, opts.analysis_level)
 
     filters = {}
     if opts.bids_filter_file is not None:
@@ -171,12 +182,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return getattr(exc, "exit_code", ex.EX_USAGE)
     _setup_logging(config.verbosity)
     if config.analysis_level == "group":
-        print(
-            "hsf-bids: error: the group level is not available in this version "
-            "(the participant outputs hold each subject's volumes table)",
-            file=sys.stderr,
-        )
-        return ex.EX_USAGE
+        from hsf_bids.cli.group import run_group
+
+        return run_group(config)
     from hsf_bids.cli.participant import run_participant
 
     return run_participant(config)

@@ -92,6 +92,7 @@ BIDSIGNORE_PATTERNS: tuple[str, ...] = (
     "*_volumes.json",
     f"*_{UNCERTAINTY_SUFFIX}.nii.gz",
     f"*_{UNCERTAINTY_SUFFIX}.json",
+    "group_*",
 )
 
 

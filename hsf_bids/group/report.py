@@ -1,0 +1,117 @@
+"""The group HTML report: one self-contained page (inline SVG and CSS, no scripts, no network)."""
+
+from __future__ import annotations
+
+import html
+import json
+from collections.abc import Sequence
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import jinja2
+import numpy as np
+import pandas as pd
+
+from hsf_bids import __version__
+from hsf_bids.group.tables import FLAG_COLUMNS
+
+_WIDTH, _HEIGHT, _PAD = 260, 220, 36
+_SIDE_X = {"left": 0.3, "right": 0.7}
+_PROVENANCE_KEYS = (
+    "Software", "Preset", "Models", "Engine", "CaMode", "Fusion", "TestTimeAugmentation", "Seed",
+)  # fmt: skip
+
+
+def _label(row: pd.Series) -> str:
+    parts = [row["participant_id"]]
+    for key in ("session_id", "acq", "run"):
+        if pd.notna(row.get(key)):
+            parts.append(str(row[key]) if key == "session_id" else f"{key}-{row[key]}")
+    return " ".join(parts)
+
+
+def strip_plot(rows: pd.DataFrame, structure: str) -> str:
+    """An SVG of one structure's volumes, left and right side by side: each image a point that
+    links to its subject's report (``sub-XX.html``); flagged points in red."""
+    # Volumes are never negative: an axis from 0 shows sizes and failures in proportion.
+    lo, hi = 0.0, max(float(rows["volume_mm3"].max()) if len(rows) else 0.0, 1.0)
+    span = hi - lo
+
+    def y(v: float) -> float:
+        return _HEIGHT - _PAD - (v - lo) / span * (_HEIGHT - 2 * _PAD)
+
+    out = [
+        f'<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 {_WIDTH} {_HEIGHT}" '
+        f'width="{_WIDTH}" height="{_HEIGHT}" role="img" '
+        f'aria-label="{html.escape(structure)} volumes">',
+        f'<text x="{_WIDTH / 2}" y="16" text-anchor="middle" class="title">'
+        f"{html.escape(structure)} (mm³)</text>",
+    ]
+    for tick in np.linspace(lo, hi, 4):
+        out.append(
+            f'<line x1="{_PAD}" x2="{_WIDTH - 8}" y1="{y(tick):.1f}" y2="{y(tick):.1f}" '
+            'class="grid"/>'
+            f'<text x="{_PAD - 4}" y="{y(tick) + 4:.1f}" text-anchor="end" class="tick">'
+            f"{tick:.0f}</text>"
+        )
+    for side, x in _SIDE_X.items():
+        out.append(
+            f'<text x="{x * _WIDTH:.0f}" y="{_HEIGHT - 8}" text-anchor="middle" class="tick">'
+            f"{side}</text>"
+        )
+    rng = np.random.default_rng(0)  # fixed jitter: the page is the same every run
+    for _, row in rows.iterrows():
+        cx = _SIDE_X[row["side"]] * _WIDTH + rng.uniform(-18, 18)
+        flagged = bool(row[list(FLAG_COLUMNS)].any())
+        title = html.escape(f"{_label(row)} {row['side']} {structure}: {row['volume_mm3']:.0f} mm³")
+        href = html.escape(f"{row['participant_id']}.html")
+        out.append(
+            f'<a href="{href}"><circle cx="{cx:.1f}" cy="{y(row["volume_mm3"]):.1f}" r="4.5" '
+            f'class="{"flagged" if flagged else "point"}"><title>{title}</title></circle></a>'
+        )
+    out.append("</svg>")
+    return "".join(out)
+
+
+def provenance(output_dir: Path, files: Sequence[str]) -> list[dict[str, Any]]:
+    """The distinct settings (software, preset, models, engine) found in the segmentations'
+    sidecars, each with the images that used them (several entries mean a mixed group)."""
+    found: dict[str, dict[str, Any]] = {}
+    for sidecar in sorted(output_dir.glob("sub-*/**/*_desc-subfields_dseg.json")):
+        prov = json.loads(sidecar.read_text()).get("Provenance", {})
+        key_fields = {k: prov.get(k) for k in _PROVENANCE_KEYS}
+        key = json.dumps(key_fields, sort_keys=True)
+        entry = found.setdefault(key, {**key_fields, "images": []})
+        entry["images"].append(sidecar.name.split("_space-")[0])
+    return list(found.values())
+
+
+def render_group_report(
+    long: pd.DataFrame,
+    wide: pd.DataFrame,
+    status: pd.DataFrame,
+    output_dir: Path,
+) -> str:
+    """The group report as HTML text."""
+    structures = list(dict.fromkeys(long["structure"]))
+    plots = [(s, strip_plot(long[long["structure"] == s], s)) for s in structures]
+    flagged = wide[wide["n_flags"] > 0]
+    env = jinja2.Environment(
+        loader=jinja2.PackageLoader("hsf_bids", "data/group"),
+        autoescape=jinja2.select_autoescape(["html"]),
+        keep_trailing_newline=True,
+    )
+    return env.get_template("report.html").render(
+        version=__version__,
+        generated=datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        n_images=len(wide),
+        n_subjects=wide["participant_id"].nunique(),
+        plots=plots,
+        flagged=[(_label(r), r["participant_id"], r["flags"]) for _, r in flagged.iterrows()],
+        failures=status[status["status"] != "ok"].to_dict("records"),
+        provenance=provenance(output_dir, long["volumes_file"].unique()),
+        columns=[c for c in wide.columns if c.endswith("_mm3")],
+        rows=wide.to_dict("records"),
+        label=_label,
+    )

@@ -1,0 +1,263 @@
+"""Group tables from what the participant level wrote (nothing is recomputed from images).
+
+* :func:`read_volumes` gathers every ``*_desc-subfields_volumes.tsv`` into one long table;
+* :func:`add_flags` adds the quality flags a statistician filters on;
+* :func:`wide_table` makes one row per image with one column per side and structure;
+* :func:`subject_status` lists each subject's latest participant run (ok, failed with the reason
+  from its crash file, or missing);
+* :func:`join_phenotypes` joins ``participants.tsv`` and ``sessions.tsv`` columns.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from hsf_bids.logs import crash_files, crash_reason, latest_run_dir
+
+# Iglewicz and Hoaglin's rule: |modified z| > 3.5 marks an outlier; below 5 values the median
+# absolute deviation says too little to flag anyone.
+ROBUST_Z_LIMIT = 3.5
+MIN_GROUP_SIZE = 5
+MAD_TO_SIGMA = 0.6745
+# A whole hippocampus below this is a failed segmentation, not anatomy (adult hippocampi are about
+# 2,500-4,500 mm3 a side, and below 2,000 only in severe atrophy).
+MIN_PLAUSIBLE_HC_MM3 = 1000.0
+
+# Identify one segmented image (one row of the wide table).
+IMAGE_KEYS = ("participant_id", "session_id", "acq", "ce", "rec", "run", "contrast", "source")
+_TEXT_COLUMNS = (*IMAGE_KEYS, "side", "structure")
+STATUS_COLUMNS = ["participant_id", "status", "run_id", "reason", "crash_file"]
+FLAG_COLUMNS = ("flag_localisation", "flag_uncertainty", "flag_volume", "flag_asymmetry")
+
+
+class GroupInputError(ValueError):
+    """The output folder holds nothing the group level can use; ``exit_code`` per BIDS Apps."""
+
+    def __init__(self, message: str, exit_code: int = 66) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+def volumes_files(output_dir: Path, participants: Sequence[str] = ()) -> list[Path]:
+    """Every participant volumes table under ``output_dir`` (optionally of some subjects)."""
+    files = sorted(output_dir.glob("sub-*/anat/*_desc-subfields_volumes.tsv"))
+    files += sorted(output_dir.glob("sub-*/ses-*/anat/*_desc-subfields_volumes.tsv"))
+    if participants:
+        wanted = {f"sub-{p.removeprefix('sub-')}" for p in participants}
+        files = [f for f in files if f.relative_to(output_dir).parts[0] in wanted]
+    return sorted(files)
+
+
+def read_volumes(files: Sequence[Path], output_dir: Path) -> pd.DataFrame:
+    """One long table of the rows of every volumes table, plus ``volumes_file`` (relative path).
+
+    Entity columns stay text (``run-01`` keeps its zero); ``n/a`` is missing.
+    """
+    if not files:
+        raise GroupInputError(
+            f"no participant results in {output_dir}: no *_desc-subfields_volumes.tsv found; "
+            "run the participant level first"
+        )
+    frames = []
+    for path in files:
+        frame = pd.read_csv(
+            path,
+            sep="\t",
+            keep_default_na=False,
+            na_values=["n/a"],
+            dtype={c: "string" for c in _TEXT_COLUMNS},
+        )
+        frame["volumes_file"] = path.relative_to(output_dir).as_posix()
+        frames.append(frame)
+    table = pd.concat(frames, ignore_index=True)
+    table["label"] = table["label"].astype("Int64")
+    table["localisation_ok"] = table["localisation_ok"].astype("boolean")
+    return table
+
+
+def robust_z(values: pd.Series) -> pd.Series:
+    """Modified z-scores ``0.6745 (x - median) / MAD``; missing when the group is too small or
+    has no spread."""
+    x = values.astype(float)
+    if x.notna().sum() < MIN_GROUP_SIZE:
+        return pd.Series(np.nan, index=values.index)
+    median = x.median()
+    mad = (x - median).abs().median()
+    if not mad > 0:
+        return pd.Series(np.nan, index=values.index)
+    return MAD_TO_SIGMA * (x - median) / mad
+
+
+def _filled(table: pd.DataFrame) -> pd.DataFrame:
+    """Missing entity values as "" so that pivots and merges keep those rows (pandas drops
+    missing keys)."""
+    return table.assign(**{k: table[k].astype("string").fillna("") for k in IMAGE_KEYS})
+
+
+def _unfilled(table: pd.DataFrame) -> pd.DataFrame:
+    return table.assign(**{k: table[k].replace("", pd.NA) for k in IMAGE_KEYS})
+
+
+def add_flags(long: pd.DataFrame) -> pd.DataFrame:
+    """Quality flags per row (True = look before use), computed within each contrast, side and
+    structure (T2w volumes differ systematically from T1w ones):
+
+    ``flag_localisation``: the localisation QC of the image failed; ``flag_uncertainty``: mean
+    uncertainty far above the group (robust z > 3.5); ``flag_volume``: volume far from the group
+    (|robust z| > 3.5), or a whole hippocampus under :data:`MIN_PLAUSIBLE_HC_MM3` (checked
+    whatever the group size); ``flag_asymmetry``: left/right asymmetry index far from the group.
+    """
+    out = _filled(long)
+    by = ["contrast", "side", "structure"]
+    out["volume_z"] = out.groupby(by, dropna=False)["volume_mm3"].transform(robust_z)
+    out["uncertainty_z"] = out.groupby(by, dropna=False)["mean_uncertainty"].transform(robust_z)
+    sides = out.pivot_table(index=[*IMAGE_KEYS, "structure"], columns="side", values="volume_mm3")
+    mean = (sides["left"] + sides["right"]) / 2
+    index = ((sides["left"] - sides["right"]) / mean.where(mean > 0)).rename("asymmetry_index")
+    out = out.merge(index.reset_index(), on=[*IMAGE_KEYS, "structure"], how="left")
+    out["asymmetry_z"] = out.groupby(by, dropna=False)["asymmetry_index"].transform(robust_z)
+    out["flag_localisation"] = ~out["localisation_ok"].fillna(False).astype(bool)
+    out["flag_uncertainty"] = out["uncertainty_z"] > ROBUST_Z_LIMIT
+    implausible = (out["structure"] == "HC") & (out["volume_mm3"] < MIN_PLAUSIBLE_HC_MM3)
+    out["flag_volume"] = (out["volume_z"].abs() > ROBUST_Z_LIMIT) | implausible
+    out["flag_asymmetry"] = out["asymmetry_z"].abs() > ROBUST_Z_LIMIT
+    for column in ("volume_z", "uncertainty_z", "asymmetry_index", "asymmetry_z"):
+        out[column] = out[column].astype(float).round(4)
+    return _unfilled(out)
+
+
+def wide_table(long: pd.DataFrame) -> pd.DataFrame:
+    """One row per image: ``<side>_<structure>_mm3`` for every side and structure (whole
+    hippocampus ``HC`` included), ``icv_mm3``, ``localisation_ok`` and the row's flags."""
+    keys = list(IMAGE_KEYS)
+    long = _filled(long)
+    volumes = long.pivot_table(
+        index=keys, columns=["side", "structure"], values="volume_mm3", sort=False
+    )
+    volumes.columns = [f"{side}_{r_name(structure)}_mm3" for side, structure in volumes.columns]
+    order = sorted(volumes.columns, key=lambda c: (not c.startswith("left"), c.endswith("HC_mm3")))
+    volumes = volumes[order]
+    per_image = long.groupby(keys, dropna=False, sort=False).agg(
+        icv_mm3=("icv_mm3", "first"), localisation_ok=("localisation_ok", "first")
+    )
+    flagged = long[list(FLAG_COLUMNS)].any(axis=1)
+    reasons = (
+        long[flagged]
+        .assign(flags=lambda d: d.apply(_row_flags, axis=1))
+        .groupby(keys, dropna=False, sort=False)["flags"]
+        .agg(lambda items: "; ".join(dict.fromkeys(i for item in items for i in item)))
+    )
+    wide = _unfilled(volumes.join(per_image).join(reasons).reset_index())
+    wide["flags"] = wide["flags"].astype(object).fillna("")
+    wide["n_flags"] = wide["flags"].map(lambda f: len(f.split("; ")) if f else 0)
+    return wide.sort_values(keys, na_position="first", ignore_index=True)
+
+
+def _row_flags(row: pd.Series) -> list[str]:
+    where = f"{row['side']} {row['structure']}"
+    found = []
+    if row["flag_localisation"]:
+        found.append("localisation doubtful")
+    if row["flag_uncertainty"]:
+        found.append(f"{where} high uncertainty")
+    if row["flag_volume"]:
+        small = row["structure"] == "HC" and row["volume_mm3"] < MIN_PLAUSIBLE_HC_MM3
+        found.append(f"{where} volume {'implausibly small' if small else 'outlier'}")
+    if row["flag_asymmetry"]:
+        found.append(f"{row['structure']} asymmetry outlier")
+    return found
+
+
+def subject_status(
+    output_dir: Path, bids_dir: Path, participants: Sequence[str] = ()
+) -> pd.DataFrame:
+    """Each subject of the input dataset (or of ``participants``): ``ok``, ``failed`` (its latest
+    participant run left crash files; ``reason`` is the error) or ``missing`` (no output)."""
+    wanted = [f"sub-{p.removeprefix('sub-')}" for p in participants] or sorted(
+        p.name for p in bids_dir.glob("sub-*") if p.is_dir()
+    )
+    rows = []
+    for subject in wanted:
+        folder = output_dir / subject
+        run = latest_run_dir(folder)
+        crashes = crash_files(run) if run else []
+        has_volumes = any(folder.glob("**/*_desc-subfields_volumes.tsv"))
+        if crashes:
+            status, reason = "failed", crash_reason(crashes[0])
+        elif has_volumes:
+            status, reason = "ok", None
+        else:
+            status, reason = "missing", "no participant output (not run, or still running)"
+        rows.append({
+            "participant_id": subject,
+            "status": status,
+            "run_id": run.name if run else None,
+            "reason": reason,
+            "crash_file": crashes[0].relative_to(output_dir).as_posix() if crashes else None,
+        })  # fmt: skip
+    return pd.DataFrame(rows, columns=STATUS_COLUMNS)
+
+
+_R_INVALID = re.compile(r"[^A-Za-z0-9_.]")
+
+
+def r_name(name: str) -> str:
+    """A column name R's ``read.delim`` keeps as is (``make.names`` leaves it unchanged)."""
+    clean = _R_INVALID.sub("_", str(name))
+    if not clean or not (clean[0].isalpha() or (clean[0] == "." and not clean[1:2].isdigit())):
+        clean = f"X{clean}"
+    return clean
+
+
+def join_phenotypes(
+    table: pd.DataFrame, bids_dir: Path, taken: Sequence[str]
+) -> tuple[pd.DataFrame, dict[str, dict[str, object]]]:
+    """Join ``participants.tsv`` (on ``participant_id``) and each subject's ``sessions.tsv`` (on
+    ``participant_id`` and ``session_id``). Their columns get R-valid names; one that collides with
+    a column of ours is prefixed ``participants_``/``sessions_``. Returns the table and the joined
+    columns' descriptions (from ``participants.json`` where it describes them)."""
+    import json
+
+    described: dict[str, dict[str, object]] = {}
+    sources = []
+    participants = bids_dir / "participants.tsv"
+    if participants.is_file():
+        sidecar = bids_dir / "participants.json"
+        meta = json.loads(sidecar.read_text()) if sidecar.is_file() else {}
+        frame = pd.read_csv(participants, sep="\t", dtype="string", keep_default_na=False,
+                            na_values=["n/a"])  # fmt: skip
+        sources.append(("participants", frame, ["participant_id"], meta))
+    sessions = sorted(bids_dir.glob("sub-*/sub-*_sessions.tsv"))
+    if sessions:
+        frames = []
+        for path in sessions:
+            frame = pd.read_csv(path, sep="\t", dtype="string", keep_default_na=False,
+                                na_values=["n/a"])  # fmt: skip
+            frame.insert(0, "participant_id", path.parent.name)
+            frames.append(frame)
+        sources.append(("sessions", pd.concat(frames, ignore_index=True),
+                        ["participant_id", "session_id"], {}))  # fmt: skip
+    out = table
+    used = set(taken) | set(table.columns)
+    for prefix, frame, on, meta in sources:
+        if not set(on) <= set(frame.columns):
+            continue
+        renames = {}
+        for column in frame.columns:
+            if column in on:
+                continue
+            name = r_name(column)
+            if name in used:
+                name = f"{prefix}_{name}"
+            renames[column] = name
+            used.add(name)
+            entry = dict(meta.get(column, {})) if isinstance(meta.get(column), dict) else {}
+            entry.setdefault("Description", f"column {column!r} of the input's {prefix}.tsv")
+            described[name] = entry
+        out = out.merge(frame.rename(columns=renames), on=on, how="left")
+    return out, described
