@@ -185,8 +185,9 @@ def test_killed_run_resumes_with_the_same_outputs(parallel_run, ds_mini, fast_hu
     assert codes[3] == 0, logs[3]
     args = (ds_mini, tmp_path / "out", "participant", "--participant-label", "04",
             "--session-label", "01", "--hub", fast_hub, "-w", tmp_path / "work",
-            "--nprocs", "1")  # fmt: skip
-    # Same settings as parallel_run (thread counts change float rounding, so they are kept).
+            "--nprocs", "2", "--omp-nthreads", "1")  # fmt: skip
+    # The MultiProc plugin here (parallel_run uses Linear), with the same one thread per model
+    # as parallel_run: thread counts change float rounding, so they are kept.
     proc = hsf_bids(*args)
     deadline = time.monotonic() + 600
     while not list((tmp_path / "work").rglob("result_segment_right.pklz")):
