@@ -54,6 +54,7 @@ class RunConfig:
     plugin_args: dict[str, Any] = field(default_factory=dict)
     stop_on_first_crash: bool = False
     write_graph: bool = False
+    reports_only: bool = False
     verbosity: int = 0
     # Models and segmentation
     preset: str | None = DEFAULT_PRESET

@@ -218,3 +218,24 @@ def test_preset_and_hub_are_exclusive(capsys, ds_mini, tmp_path, demo_hub):
     )  # fmt: skip
     assert code == 64
     assert "--preset and --hub are exclusive" in err
+
+
+def test_templates_missing_offline(capsys, ds_mini, tmp_path, demo_hub, monkeypatch):
+    """An empty TemplateFlow home and no network: one clear error before any work."""
+    import socket
+
+    def no_network(*args, **kwargs):
+        raise OSError("network disabled in this test")
+
+    monkeypatch.setattr(socket, "create_connection", no_network)
+    monkeypatch.setenv("TEMPLATEFLOW_HOME", str(tmp_path / "tf"))
+    code, err = run(
+        capsys, ds_mini, tmp_path / "out", "participant", "--hub", demo_hub, *_only(ds_mini, "01")
+    )
+    assert code == 66
+    assert (
+        f"{tmp_path / 'tf' / 'tpl-MNI152NLin2009cSym'}/tpl-MNI152NLin2009cSym_res-1_T1w.nii.gz: "
+        "template file missing and TemplateFlow could not fetch it"
+    ) in err
+    assert "set TEMPLATEFLOW_HOME to a folder holding it" in err
+    assert not (tmp_path / "out" / "sub-01" / "anat").exists()

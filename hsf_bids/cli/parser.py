@@ -231,5 +231,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument(
         "--write-graph", action="store_true", help="write the workflow graph (SVG, needs graphviz)"
     )
+    g.add_argument(
+        "--reports-only",
+        action="store_true",
+        help="write the QC reports (sub-XX.html, CITATION.md) again from the outputs already in "
+        "output_dir, without segmenting anything",
+    )
     g.add_argument("-v", "--verbose", dest="verbosity", action="count", default=0, help="-v, -vv")
     return p

@@ -71,6 +71,16 @@ def _check_images(jobs: list[SegmentationJob]) -> tuple[list[SegmentationJob], l
     return usable, invalid
 
 
+def _check_templates(jobs: list[SegmentationJob]) -> None:
+    """Find (or fetch) the templates before any work, so a missing TemplateFlow file is one
+    clear error rather than a crash in every subject."""
+    from hsf_bids.templates import atlas_path, template_path
+
+    for contrast in sorted({job.image.contrast for job in jobs}):
+        template_path(contrast)
+    atlas_path()
+
+
 def _models(config: RunConfig):  # noqa: ANN202
     """The preset and its verified local model files (downloaded unless --offline)."""
     from hsf_bids.hub import ensure_models, resolve_models_dir, resolve_preset
@@ -105,7 +115,10 @@ def run_participant(config: RunConfig) -> int:
     """Segment every selected image; returns the BIDS Apps exit code."""
     from hsf_bids.engines import EngineError, resolve_engine
     from hsf_bids.hub import HubError, ModelsError
+    from hsf_bids.templates import TemplateError
 
+    if config.reports_only:
+        return _reports_only(config)
     code = _validate_input(config)
     if code is not None:
         return code
@@ -136,6 +149,11 @@ def run_participant(config: RunConfig) -> int:
     except (EngineError, ValueError) as exc:
         _say(f"error: {exc}")
         return ex.EX_USAGE
+    try:
+        _check_templates(jobs)
+    except TemplateError as exc:
+        _say(f"error: {exc}")
+        return ex.EX_NOINPUT
 
     from hsf_bids.outputs import DerivativesError, LutConflictError
 
@@ -145,6 +163,7 @@ def run_participant(config: RunConfig) -> int:
         _say(f"error: {exc}")
         return ex.EX_CANTCREAT
     _report(config, jobs, failed)
+    _write_reports(config, jobs)
     if failed:
         return ex.EX_FAILURE
     if invalid:
@@ -223,3 +242,47 @@ def _report(config: RunConfig, jobs: list[SegmentationJob], failed: dict[str, li
     for subject, crashfiles in sorted(failed.items()):
         for crashfile in crashfiles:
             _say(f"error: {subject} failed: {crash_reason(crashfile)}; details in {crashfile}")
+
+
+def _write_reports(config: RunConfig, jobs: list[SegmentationJob]) -> None:
+    """The QC report of every selected subject (failed ones too) and the run's CITATION.md.
+
+    A report that cannot be written is a warning: the segmentations are already there, and
+    ``--reports-only`` can write it again.
+    """
+    from hsf_bids.reports import write_reports
+
+    expected: dict[str, list[str]] = {}
+    for job in jobs:
+        expected.setdefault(job.subject, []).append(job.image.name)
+    written, errors = write_reports(
+        config.output_dir, sorted(expected), bids_dir=config.bids_dir, run_id=config.run_id,
+        expected=expected,
+    )  # fmt: skip
+    for message in errors.values():
+        _say(f"warning: {message}")
+    if written:
+        _say(f"reports: {', '.join(str(p) for p in written.values())}")
+
+
+def _reports_only(config: RunConfig) -> int:
+    """``--reports-only``: write the reports again from the outputs already in the output
+    folder (selected subjects, default all), without running anything."""
+    from hsf_bids.reports import write_reports
+    from hsf_bids.reports.collect import find_subjects
+
+    found = find_subjects(config.output_dir)
+    wanted = [label.removeprefix("sub-") for label in config.participant_labels] or found
+    unknown = [label for label in wanted if label not in found]
+    for label in unknown:
+        _say(f"error: no outputs of sub-{label} in {config.output_dir}")
+    written, errors = write_reports(
+        config.output_dir, [label for label in wanted if label in found], bids_dir=config.bids_dir
+    )
+    for message in errors.values():
+        _say(f"error: {message}")
+    if written:
+        _say(f"reports: {', '.join(str(p) for p in written.values())}")
+    if unknown or errors or not written:
+        return ex.EX_NOINPUT
+    return ex.EX_OK

@@ -148,6 +148,7 @@ def build_config(argv: Sequence[str] | None = None) -> RunConfig:
         plugin_args=plugin_args,
         stop_on_first_crash=opts.stop_on_first_crash,
         write_graph=opts.write_graph,
+        reports_only=opts.reports_only,
         verbosity=opts.verbosity,
         preset=None if hub else (opts.preset or DEFAULT_PRESET),
         hub=hub,
@@ -181,6 +182,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"hsf-bids: error: {exc}", file=sys.stderr)
         return getattr(exc, "exit_code", ex.EX_USAGE)
     _setup_logging(config.verbosity)
+    from hsf_bids.runtime import RuntimeEnvironmentError, prepare_runtime
+
+    try:  # before any library that writes to $HOME or phones home is imported
+        prepare_runtime(config.work_dir)
+    except RuntimeEnvironmentError as exc:
+        print(f"hsf-bids: error: {exc}", file=sys.stderr)
+        return ex.EX_CANTCREAT
     if config.analysis_level == "group":
         from hsf_bids.cli.group import run_group
 

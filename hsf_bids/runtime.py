@@ -1,0 +1,137 @@
+"""Run-time environment for read-only installs and containers.
+
+Several libraries the app loads write into ``$HOME`` on their own and some phone home: matplotlib
+(font cache and config, ``~/.config/matplotlib``), the Deno runtime of the BIDS validator
+(``~/.cache/deno``), ONNX Runtime (a telemetry device id in ``~/.cache/Microsoft`` and a session
+file in the temporary folder) and OpenVINO's conversion tools (a telemetry client id in
+``~/intel``, sent over the network). In a read-only image (``docker run --read-only``) those writes
+fail with warnings; on Apptainer, where ``$HOME`` is the user's own, they land in the user's home.
+
+:func:`prepare_runtime` is called once at start-up, before those libraries are imported. It turns
+the telemetry off and points each library cache at a private folder of this process inside the
+temporary folder (removed at exit), so a run writes only to its output, work and temporary folders.
+Variables the user has already set are left alone.
+"""
+
+from __future__ import annotations
+
+import atexit
+import os
+import shutil
+import sys
+import tempfile
+from collections.abc import MutableMapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+__all__ = [
+    "CACHE_VARIABLES",
+    "QUIET_VARIABLES",
+    "RuntimeEnvironmentError",
+    "RuntimeEnvironment",
+    "prepare_runtime",
+]
+
+# Library caches that default to $HOME: environment variable -> subfolder of the private folder.
+CACHE_VARIABLES: dict[str, str] = {
+    "MPLCONFIGDIR": "matplotlib",
+    "DENO_DIR": "deno",
+}
+# Telemetry and update checks: all of them would need the network, some also write to $HOME.
+QUIET_VARIABLES: dict[str, str] = {
+    "ORT_DISABLE_TELEMETRY": "1",
+    "NIPYPE_NO_ET": "1",
+    "DENO_NO_UPDATE_CHECK": "1",
+}
+PREFIX = "hsf_bids-"
+
+
+class RuntimeEnvironmentError(RuntimeError):
+    """Neither the temporary folder nor the work folder can hold this run's temporary files."""
+
+
+@dataclass(frozen=True)
+class RuntimeEnvironment:
+    """What :func:`prepare_runtime` did.
+
+    ``scratch`` is the private folder of this process (removed at exit when ``cleanup``);
+    ``set_variables`` the environment variables it set, with their values; ``temp_dir`` the
+    temporary folder in use (``$TMPDIR`` is moved into the work folder when the default is not
+    writable).
+    """
+
+    scratch: Path
+    temp_dir: Path
+    set_variables: dict[str, str] = field(default_factory=dict)
+
+
+def _make_scratch(base: str) -> Path:
+    return Path(tempfile.mkdtemp(prefix=PREFIX, dir=base)).resolve()
+
+
+def _temp_base(env: MutableMapping[str, str]) -> str:
+    """The temporary folder the user chose (``$TMPDIR``, ``$TEMP``, ``$TMP``), else ``/tmp``.
+
+    Not :func:`tempfile.gettempdir`: when ``/tmp`` is read-only it falls back to the current
+    folder, which is nobody's temporary folder.
+    """
+    for variable in ("TMPDIR", "TEMP", "TMP"):
+        if env.get(variable):
+            return env[variable]
+    return "/tmp" if os.path.isdir("/tmp") else tempfile.gettempdir()
+
+
+def prepare_runtime(
+    work_dir: Path | str,
+    environ: MutableMapping[str, str] | None = None,
+    *,
+    cleanup: bool = True,
+) -> RuntimeEnvironment:
+    """Make this process write only to its work and temporary folders; returns what was set.
+
+    ``work_dir`` is the run's (existing, writable) work folder: when no temporary folder is
+    writable (``docker run --read-only`` without ``--tmpfs /tmp``) ``$TMPDIR`` becomes
+    ``<work_dir>/tmp``. ``environ`` defaults to ``os.environ`` (child processes inherit it);
+    when it is ``os.environ`` Python's :mod:`tempfile` is re-pointed as well. With ``cleanup`` the
+    private folder is removed when the process exits. Raises :class:`RuntimeEnvironmentError`
+    naming both folders when neither can be written.
+    """
+    env = os.environ if environ is None else environ
+    changed: dict[str, str] = {}
+    base = _temp_base(env)
+    try:
+        scratch = _make_scratch(base)
+    except OSError as first:
+        fallback = Path(work_dir).expanduser().absolute() / "tmp"
+        try:
+            fallback.mkdir(parents=True, exist_ok=True)
+            scratch = _make_scratch(str(fallback))
+        except OSError as exc:
+            raise RuntimeEnvironmentError(
+                f"no writable temporary folder: {base} ({first.strerror or first}) and "
+                f"{fallback} ({exc.strerror or exc}); mount one at /tmp (docker run --tmpfs "
+                "/tmp) or give a writable work folder (-w)"
+            ) from exc
+        changed["TMPDIR"] = str(fallback)
+    temp_dir = Path(changed.get("TMPDIR") or scratch.parent)
+
+    for variable, subfolder in CACHE_VARIABLES.items():
+        if not env.get(variable):
+            path = scratch / subfolder
+            path.mkdir()
+            changed[variable] = str(path)
+    for variable, value in QUIET_VARIABLES.items():
+        if variable not in env:
+            changed[variable] = value
+    env.update(changed)
+
+    if env is os.environ:
+        if "TMPDIR" in changed:
+            tempfile.tempdir = None  # tempfile caches its choice; make it read $TMPDIR again
+        # OpenVINO imports its model-conversion tools, which send telemetry and write a client
+        # id to ~/intel when the optional openvino_telemetry module imports; when it cannot,
+        # OpenVINO falls back to its built-in no-op stub. Forked workers inherit this.
+        sys.modules.setdefault("openvino_telemetry", None)  # type: ignore[arg-type]
+    if cleanup:
+        atexit.register(shutil.rmtree, scratch, ignore_errors=True)
+    return RuntimeEnvironment(scratch=scratch, temp_dir=temp_dir, set_variables=changed)
