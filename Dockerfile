@@ -1,0 +1,108 @@
+# syntax=docker/dockerfile:1
+# hsf_bids, the Hippocampal Segmentation Factory as a BIDS App, with everything it needs inside:
+# the HSF 4.0.0 models of both presets (bagging_*, single_*) and the MNI152NLin2009cSym template,
+# fetched and verified at build time. It runs offline, read-only and as a non-root user.
+#
+#   docker build -t hsf-bids/hsf_bids:0.1.0.dev0 .                       CPU image (default)
+#   docker build --target gpu -t hsf-bids/hsf_bids:0.1.0.dev0-gpu .      onnxruntime with CUDA
+#   docker run --rm --read-only --tmpfs /tmp -v /data/ds:/data:ro -v /data/out:/out \
+#       hsf-bids/hsf_bids:0.1.0.dev0 /data /out participant --participant-label 01
+#
+# Paths inside: the app in /opt/venv, models in /opt/hsf_bids/models ($HSF_BIDS_MODELS_DIR),
+# templates in /opt/hsf_bids/templateflow ($TEMPLATEFLOW_HOME). Caches go to a private folder in
+# /tmp (hsf_bids/runtime.py); nothing else is written outside the output and work folders.
+
+ARG PYTHON_IMAGE=python:3.11-slim-bookworm
+ARG VERSION=0.1.0.dev0
+
+# ---- the app in a virtual environment ------------------------------------------------------
+FROM ${PYTHON_IMAGE} AS build
+ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    PIP_NO_CACHE_DIR=1
+RUN python -m venv /opt/venv
+ENV PATH=/opt/venv/bin:$PATH
+WORKDIR /src
+COPY pyproject.toml setup.cfg README.md LICENSE ./
+COPY hsf_bids ./hsf_bids
+RUN pip install --no-cache-dir . \
+    && pip check \
+    && hsf-bids --version
+
+# ---- the same with onnxruntime for CUDA 12 (CUDA and cuDNN libraries from their wheels) ------
+FROM build AS build-gpu
+ARG ONNXRUNTIME_GPU_VERSION=1.31.1
+RUN pip uninstall --yes onnxruntime \
+    && pip install --no-cache-dir "onnxruntime-gpu[cuda,cudnn]==${ONNXRUNTIME_GPU_VERSION}" \
+    && python -c "import onnxruntime as ort; assert 'CUDAExecutionProvider' in ort.get_available_providers()"
+
+# ---- models and templates, verified by checksum: a mismatch fails the build -----------------
+FROM build AS assets
+ENV HSF_BIDS_MODELS_DIR=/opt/hsf_bids/models \
+    TEMPLATEFLOW_HOME=/opt/hsf_bids/templateflow
+COPY docker/fetch_templates.py /src/docker/fetch_templates.py
+# fetch re-hashes every download against the preset's XXH3-64 and exits 1 on a mismatch; the
+# *_fast presets use the same files as the *_accurate ones.
+RUN hsf-bids-models fetch --preset bagging_accurate --no-progress \
+    && hsf-bids-models fetch --preset single_accurate --no-progress \
+    && for preset in bagging_accurate bagging_fast single_accurate single_fast; do \
+        hsf-bids-models verify --preset "$preset" || exit 1; \
+    done
+RUN python /src/docker/fetch_templates.py --home "$TEMPLATEFLOW_HOME"
+
+# ---- what every runtime image shares -------------------------------------------------------
+FROM ${PYTHON_IMAGE} AS runtime
+ARG VERSION
+ARG VCS_REF=unknown
+ARG BUILD_DATE=unknown
+LABEL org.opencontainers.image.title="hsf_bids" \
+      org.opencontainers.image.description="Hippocampal subfield segmentation (HSF models) as a BIDS App" \
+      org.opencontainers.image.version="${VERSION}" \
+      org.opencontainers.image.source="https://github.com/hsf-bids/hsf_bids" \
+      org.opencontainers.image.url="https://github.com/hsf-bids/hsf_bids" \
+      org.opencontainers.image.revision="${VCS_REF}" \
+      org.opencontainers.image.created="${BUILD_DATE}" \
+      org.opencontainers.image.licenses="MIT" \
+      io.github.hsf-bids.models="HSF 4.0.0: bagging_accurate, bagging_fast, single_accurate, single_fast" \
+      io.github.hsf-bids.templates="MNI152NLin2009cSym res-1 T1w, T2w, atlas-CerebrA (TemplateFlow)"
+RUN useradd --create-home --home-dir /home/hsf --uid 1000 --user-group --shell /bin/sh hsf
+COPY --from=assets /opt/hsf_bids /opt/hsf_bids
+ENV PATH=/opt/venv/bin:$PATH \
+    HSF_BIDS_MODELS_DIR=/opt/hsf_bids/models \
+    TEMPLATEFLOW_HOME=/opt/hsf_bids/templateflow \
+    TEMPLATEFLOW_AUTOUPDATE=0 \
+    HOME=/home/hsf \
+    PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    ORT_DISABLE_TELEMETRY=1 \
+    NIPYPE_NO_ET=1 \
+    DENO_NO_UPDATE_CHECK=1 \
+    HSF_BIDS_CONTAINER="docker:hsf-bids/hsf_bids:${VERSION}"
+WORKDIR /tmp
+ENTRYPOINT ["hsf-bids"]
+CMD ["--help"]
+
+# ---- GPU image: docker build --target gpu; docker run --gpus all ... --device cuda ----------
+FROM runtime AS gpu
+ARG VERSION
+COPY --from=build-gpu /opt/venv /opt/venv
+# The CUDA libraries live in the nvidia-* wheels; the dynamic loader is told where once.
+RUN find /opt/venv -path "*/site-packages/nvidia/*/lib" -type d > /etc/ld.so.conf.d/hsf-bids-cuda.conf \
+    && ldconfig
+ENV NVIDIA_VISIBLE_DEVICES=all \
+    NVIDIA_DRIVER_CAPABILITIES=compute,utility \
+    HSF_BIDS_CONTAINER="docker:hsf-bids/hsf_bids:${VERSION}-gpu"
+USER 1000:1000
+# OpenVINO's telemetry reads its opt-out from $HOME (/home/hsf); the models are checked again.
+RUN opt_in_out --opt_out \
+    && hsf-bids --version \
+    && hsf-bids-models verify --preset bagging_accurate \
+    && hsf-bids-models verify --preset single_accurate
+
+# ---- CPU image, the default target ---------------------------------------------------------
+FROM runtime AS cpu
+COPY --from=build /opt/venv /opt/venv
+USER 1000:1000
+RUN opt_in_out --opt_out \
+    && hsf-bids --version \
+    && hsf-bids-models verify --preset bagging_accurate \
+    && hsf-bids-models verify --preset single_accurate
