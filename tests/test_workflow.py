@@ -265,3 +265,7 @@ def test_a_failing_subject_leaves_a_crash_file_and_the_others_finish(
     report = (out / "group_report.html").read_text()
     assert "sub-01" in report and "the warped right hippocampus lies entirely outside" in report
     assert len(pd.read_csv(out / "group_volumes_wide.tsv", sep="\t")) == 1
+    # ... and the failed subject's own report shows what went wrong.
+    subject_report = (out / "sub-01.html").read_text()
+    assert "LocalisationError" in subject_report
+    assert "the warped right hippocampus lies entirely outside" in subject_report
