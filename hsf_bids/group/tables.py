@@ -18,15 +18,13 @@ import numpy as np
 import pandas as pd
 
 from hsf_bids.logs import crash_files, crash_reason, latest_run_dir
+from hsf_bids.outputs.volumes import MIN_PLAUSIBLE_HC_MM3
 
 # Iglewicz and Hoaglin's rule: |modified z| > 3.5 marks an outlier; below 5 values the median
 # absolute deviation says too little to flag anyone.
 ROBUST_Z_LIMIT = 3.5
 MIN_GROUP_SIZE = 5
 MAD_TO_SIGMA = 0.6745
-# A whole hippocampus below this is a failed segmentation, not anatomy (adult hippocampi are about
-# 2,500-4,500 mm3 a side, and below 2,000 only in severe atrophy).
-MIN_PLAUSIBLE_HC_MM3 = 1000.0
 
 # Identify one segmented image (one row of the wide table).
 IMAGE_KEYS = ("participant_id", "session_id", "acq", "ce", "rec", "run", "contrast", "source")

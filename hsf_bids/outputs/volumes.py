@@ -27,6 +27,7 @@ from hsf_bids.outputs.lut import CA_MODES, RIGHT_OFFSET, SIDES, bilateral_index,
 
 __all__ = [
     "COLUMNS",
+    "MIN_PLAUSIBLE_HC_MM3",
     "TEMPLATE_BRAIN_MM3",
     "WHOLE_HIPPOCAMPUS",
     "LabelsError",
@@ -46,6 +47,9 @@ __all__ = [
 TEMPLATE_BRAIN_MM3 = 1_169_666.0
 
 WHOLE_HIPPOCAMPUS = "HC"
+# A whole hippocampus below this is a failed segmentation, not anatomy (adult hippocampi are about
+# 2,500-4,500 mm3 a side, and below 2,000 only in severe atrophy). Reports and group flags use it.
+MIN_PLAUSIBLE_HC_MM3 = 1000.0
 
 COLUMNS: tuple[str, ...] = (
     "participant_id",

@@ -17,10 +17,11 @@ from urllib.parse import unquote, urlparse
 
 import pandas as pd
 
+from hsf_bids.logs import crash_files, crash_reason, latest_run_dir
 from hsf_bids.outputs.derivatives import LUT_NAME, UNCERTAINTY_SUFFIX, Entities, sidecar_path
+from hsf_bids.outputs.volumes import MIN_PLAUSIBLE_HC_MM3
 
 __all__ = [
-    "SMALL_HIPPOCAMPUS_MM3",
     "CrashReport",
     "Flag",
     "ImageOutputs",
@@ -35,7 +36,6 @@ __all__ = [
 
 # A whole hippocampus (all subfields of one side) smaller than this is worth a look: adult ones
 # measure a few thousand mm3.
-SMALL_HIPPOCAMPUS_MM3 = 1000.0
 # Largest crash text kept in a report (the end of a traceback is what matters).
 _CRASH_CHARS = 20_000
 
@@ -175,19 +175,16 @@ def read_crash(path: Path) -> CrashReport:
     text = path.read_text(errors="replace")
     lines = [line.strip() for line in text.splitlines() if line.strip()]
     node = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("Node:")), "")
-    reason = lines[-1] if lines else "unknown error"
+    reason = crash_reason(path)
     if len(text) > _CRASH_CHARS:
         text = "[... start of the file cut ...]\n" + text[-_CRASH_CHARS:]
     return CrashReport(path=path, node=node or path.stem, reason=reason, text=text)
 
 
 def _log_run(subject_dir: Path, run_id: str | None) -> Path | None:
-    log = subject_dir / "log"
     if run_id is not None:
-        return log / run_id
-    runs = sorted(p for p in log.glob("*") if p.is_dir()) if log.is_dir() else []
-    # Run ids start with a UTC time stamp, so the last name is the latest run.
-    return runs[-1] if runs else None
+        return subject_dir / "log" / run_id
+    return latest_run_dir(subject_dir)
 
 
 def _volume_rows(path: Path) -> list[dict[str, str]]:
@@ -224,11 +221,11 @@ def _volume_flags(rows: list[dict[str, str]]) -> list[Flag]:
             continue
         if volume == 0:
             flags.append(Flag("error", f"no {row.get('side')} hippocampus was segmented"))
-        elif volume < SMALL_HIPPOCAMPUS_MM3:
+        elif volume < MIN_PLAUSIBLE_HC_MM3:
             flags.append(Flag(
                 "warning",
                 f"the {row.get('side')} hippocampus measures {volume:g} mm3, below "
-                f"{SMALL_HIPPOCAMPUS_MM3:g} mm3: check the segmentation",
+                f"{MIN_PLAUSIBLE_HC_MM3:g} mm3: check the segmentation",
             ))  # fmt: skip
     return flags
 
@@ -302,7 +299,7 @@ def collect_subject(
             )
 
     run = _log_run(subject_dir, run_id)
-    crashes = [read_crash(p) for p in sorted(run.glob("crash-*.txt"))] if run else []
+    crashes = [read_crash(p) for p in crash_files(run)] if run else []
     if not images and not crashes and not tables:
         raise OutputsError(f"no outputs of sub-{subject} in {output_dir}")
     found = {image.name for image in images}
