@@ -67,6 +67,12 @@ def test_group_tables_equal_the_participant_tables(capsys, ds_mini, participant_
     report = (participant_output / "group_report.html").read_text()
     for subject in SUBJECT_FILES:
         assert f'href="{subject}.html"' in report
+    # Self-contained: no script, no stylesheet or image to fetch, nothing off the machine.
+    assert "<script" not in report and "<link" not in report and "<img" not in report
+    assert not re.search(r"""(src|href)=["']?(https?:)?//""", report)
+    assert "default-src 'none'" in report
+    assert report.count("<svg") == 6  # DG, CA1, CA2, CA3, SUB, HC
+    assert report.count("<circle") == 6 * 2 * 5  # structures x sides x images
 
 
 def _r_names(path: Path) -> list[str]:
