@@ -8,6 +8,7 @@ predictions join the same vote); images without a partner are segmented alone.
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -111,10 +112,13 @@ def load_bids_filters(path: Path) -> dict[str, dict[str, Any]]:
 
 
 def _layout(bids_dir: Path):  # noqa: ANN202 - pybids type
-    from bids import BIDSLayout
+    from bids import BIDSLayout, BIDSLayoutIndexer
 
     # Validation is our own step (bids-validator-deno); pybids' own would silently drop files.
-    return BIDSLayout(str(bids_dir), validate=False, derivatives=False)
+    # Queries use file names only, so the JSON sidecars are not read (the slow part of indexing
+    # a large dataset).
+    indexer = BIDSLayoutIndexer(validate=False, index_metadata=False)
+    return BIDSLayout(str(bids_dir), validate=False, derivatives=False, indexer=indexer)
 
 
 def _anat_images(
@@ -236,15 +240,59 @@ def subjects_of(jobs: Iterable[SegmentationJob]) -> list[str]:
     return sorted({job.subject for job in jobs})
 
 
-def validate_dataset(path: Path, timeout: float = 600) -> tuple[list[str], list[str]]:
-    """Run the BIDS validator (``bids-validator-deno``) on a dataset.
+class PendingValidation:
+    """A BIDS validator running in the background (:func:`start_validation`).
 
-    Returns ``(errors, warnings)``, one line each (``CODE: location``, grouped per code). Raises
-    ``FileNotFoundError`` when the validator is not installed.
+    The validator is a separate process, so the app can query the dataset and load its libraries
+    meanwhile; :meth:`result` waits for it.
+    """
+
+    def __init__(self, path: Path, proc, stdout, stderr, timeout: float) -> None:  # noqa: ANN001
+        self.path = path
+        self._proc = proc
+        self._stdout = stdout
+        self._stderr = stderr
+        self._timeout = timeout
+        self._started = time.monotonic()
+
+    def running(self) -> bool:
+        """True while the validator has not exited."""
+        return self._proc.poll() is None
+
+    def result(self) -> tuple[list[str], list[str]]:
+        """Wait for the validator; ``(errors, warnings)`` as :func:`validate_dataset`.
+
+        Raises ``subprocess.TimeoutExpired`` (after killing it) when it runs past its timeout,
+        ``RuntimeError`` when its output cannot be read.
+        """
+        import subprocess
+
+        left = max(0.0, self._timeout - (time.monotonic() - self._started))
+        try:
+            self._proc.wait(timeout=left)
+        except subprocess.TimeoutExpired:
+            self._proc.kill()
+            self._proc.wait()
+            raise
+        finally:
+            self._stdout.seek(0)
+            self._stderr.seek(0)
+            stdout = self._stdout.read().decode("utf-8", "replace")
+            stderr = self._stderr.read().decode("utf-8", "replace")
+            self._stdout.close()
+            self._stderr.close()
+        return _parse_validator_output(self.path, stdout, stderr)
+
+
+def start_validation(path: Path, timeout: float = 600) -> PendingValidation:
+    """Start the BIDS validator (``bids-validator-deno``) on a dataset in the background.
+
+    Raises ``FileNotFoundError`` when the validator is not installed.
     """
     import shutil
     import subprocess
     import sys
+    import tempfile
 
     exe = shutil.which("bids-validator-deno") or str(
         Path(sys.executable).with_name("bids-validator-deno")
@@ -253,18 +301,30 @@ def validate_dataset(path: Path, timeout: float = 600) -> tuple[list[str], list[
         raise FileNotFoundError(
             "bids-validator-deno is not installed (pip install bids-validator-deno)"
         )
-    proc = subprocess.run(
-        [exe, "--format", "json", str(path)],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        check=False,
+    # Files, not pipes: a validator with much to say never blocks on a full pipe while the app
+    # is busy elsewhere.
+    stdout, stderr = tempfile.TemporaryFile(), tempfile.TemporaryFile()
+    proc = subprocess.Popen(
+        [exe, "--format", "json", str(path)], stdout=stdout, stderr=stderr, stdin=subprocess.DEVNULL
     )
+    return PendingValidation(Path(path), proc, stdout, stderr, timeout)
+
+
+def validate_dataset(path: Path, timeout: float = 600) -> tuple[list[str], list[str]]:
+    """Run the BIDS validator (``bids-validator-deno``) on a dataset.
+
+    Returns ``(errors, warnings)``, one line each (``CODE: location``, grouped per code). Raises
+    ``FileNotFoundError`` when the validator is not installed.
+    """
+    return start_validation(path, timeout).result()
+
+
+def _parse_validator_output(path: Path, stdout: str, stderr: str) -> tuple[list[str], list[str]]:
     try:
-        issues = json.loads(proc.stdout)["issues"]["issues"]
+        issues = json.loads(stdout)["issues"]["issues"]
     except (json.JSONDecodeError, KeyError) as exc:
         raise RuntimeError(
-            f"the BIDS validator failed on {path}: {proc.stderr.strip()[:2000]}"
+            f"the BIDS validator failed on {path}: {stderr.strip()[:2000]}"
         ) from exc
     grouped: dict[tuple[str, str], list[str]] = {}
     for issue in issues:

@@ -7,13 +7,21 @@ Nipype interfaces are thin wrappers over these, so the stages can be run and tes
 Data path of one image (``in_file``; a second contrast joins through :func:`coregister`):
 ``localise`` -> ``segment_side`` (right, left) -> ``paste_back`` -> ``write_derivatives`` ->
 ``write_volumes_table`` (per subject and session).
+
+Timing: each stage writes ``timing.json`` (:data:`TIMING_JSON`, see :class:`StageTimer`) next
+to its outputs in ``out_dir`` (the Nipype node's folder in the work folder, never the
+derivatives) and logs it at DEBUG on ``hsf_bids.timing``; ``benchmarks/participant.py`` reads
+them back. Timing reads a clock only and never changes a result.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
-from collections.abc import Mapping, Sequence
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +34,60 @@ from hsf_bids.locate import SIDES, Box, crop, locate, register_to, resample_to
 from hsf_bids.outputs.derivatives import write_json
 
 LOCALISATION_JSON = "localisation.json"
+TIMING_JSON = "timing.json"
+
+timing_log = logging.getLogger("hsf_bids.timing")
+
+
+class StageTimer:
+    """Wall time of the steps of one stage, written as a small JSON record.
+
+    ``with timer.step("name"): ...`` adds the block's seconds to ``seconds["name"]``;
+    :meth:`write` saves ``{"stage", "started" (Unix time), "total", "seconds"}``.
+    """
+
+    def __init__(self, stage: str) -> None:
+        self.stage = stage
+        self.started = time.time()
+        self._start = time.perf_counter()
+        self.seconds: dict[str, float] = {}
+
+    @contextmanager
+    def step(self, name: str) -> Iterator[None]:
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.add(name, time.perf_counter() - start)
+
+    def add(self, name: str, seconds: float) -> None:
+        self.seconds[name] = self.seconds.get(name, 0.0) + float(seconds)
+
+    def record(self) -> dict[str, Any]:
+        """The record as written: stage name, start time, total and per-step seconds."""
+        return {
+            "stage": self.stage,
+            "started": self.started,
+            "total": time.perf_counter() - self._start,
+            "seconds": {k: round(v, 6) for k, v in self.seconds.items()},
+        }
+
+    def write(self, out_dir: str | os.PathLike[str]) -> Path:
+        """Write the record to ``out_dir/timing.json``; returns its path."""
+        record = self.record()
+        timing_log.debug("%s: %.3f s %s", self.stage, record["total"], record["seconds"])
+        path = Path(out_dir) / TIMING_JSON
+        # Diagnostics only: a plain write, and a failure must not fail the stage.
+        try:
+            path.write_text(json.dumps(record, indent=1) + "\n")
+        except OSError as exc:
+            timing_log.debug("cannot write %s: %s", path, exc)
+        return path
+
+
+def read_timing(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """A record written by :meth:`StageTimer.write`."""
+    return json.loads(Path(path).read_text())
 
 
 def read_localisation(path: str | os.PathLike[str]) -> dict[str, Any]:
@@ -52,10 +114,16 @@ def localise(
     The JSON holds the boxes (RAS+ voxels of the input), the template-to-subject affine, the QC
     values, warnings and the reasons a localisation is doubtful.
     """
-    ras, _ = _ras_image(in_file)
-    loc = locate(ras, contrast, margin=margin, seed=seed)
+    timer = StageTimer("localise")
+    with timer.step("read"):
+        ras, _ = _ras_image(in_file)
+    with timer.step("register"):  # registration, boxes and QC
+        loc = locate(ras, contrast, margin=margin, seed=seed)
     record = {"source": str(in_file), **loc.to_dict()}
-    return write_json(record, Path(out_dir) / LOCALISATION_JSON)
+    with timer.step("write"):
+        path = write_json(record, Path(out_dir) / LOCALISATION_JSON)
+    timer.write(out_dir)
+    return path
 
 
 def coregister(
@@ -67,17 +135,22 @@ def coregister(
 ) -> Path:
     """Register a second contrast to the reference image and resample it onto the reference's
     RAS+ grid (linear); writes ``coregistered.nii.gz`` and the transform as JSON."""
-    moving, _ = _ras_image(in_file)
-    fixed, _ = _ras_image(reference_file)
-    moving_to_fixed = register_to(moving, fixed, seed=seed)
+    timer = StageTimer("coregister")
+    with timer.step("read"):
+        moving, _ = _ras_image(in_file)
+        fixed, _ = _ras_image(reference_file)
+    with timer.step("register"):
+        moving_to_fixed = register_to(moving, fixed, seed=seed)
     out = Path(out_dir)
-    write_json(
-        {"source": str(in_file), "reference": str(reference_file),
-         "moving_to_fixed": moving_to_fixed.tolist()},
-        out / "coregistration.json",
-    )  # fmt: skip
-    path = out / "coregistered.nii.gz"
-    nib.save(resample_to(moving, fixed, moving_to_fixed), path)
+    with timer.step("write"):  # resampling included
+        write_json(
+            {"source": str(in_file), "reference": str(reference_file),
+             "moving_to_fixed": moving_to_fixed.tolist()},
+            out / "coregistration.json",
+        )  # fmt: skip
+        path = out / "coregistered.nii.gz"
+        nib.save(resample_to(moving, fixed, moving_to_fixed), path)
+    timer.write(out)
     return path
 
 
@@ -112,17 +185,21 @@ def segment_side(
     from hsf_bids.engines import get_session
     from hsf_bids.segment import segment_crop
 
-    box = read_localisation(localisation_file)["boxes"][side]
-    primary, _ = _ras_image(in_files[0])
-    spacing = tuple(float(z) for z in primary.header.get_zooms()[:3])
-    crops = [(crop(np.asarray(primary.dataobj), box), spacing)]
-    for extra in in_files[1:]:
-        crops.append((crop(np.asarray(nib.load(extra).dataobj), box), spacing))
+    timer = StageTimer(f"segment_{side}")
+    with timer.step("crop"):  # reading the images and cropping
+        box = read_localisation(localisation_file)["boxes"][side]
+        primary, _ = _ras_image(in_files[0])
+        spacing = tuple(float(z) for z in primary.header.get_zooms()[:3])
+        crops = [(crop(np.asarray(primary.dataobj), box), spacing)]
+        for extra in in_files[1:]:
+            crops.append((crop(np.asarray(nib.load(extra).dataobj), box), spacing))
     name, precision, device = engine
-    sessions = [
-        get_session(path, engine=name, precision=precision, device=device, threads=threads)
-        for path in models
-    ]
+    # Waits here when the participant run is already loading them (prefetch_sessions).
+    with timer.step("load_models"):
+        sessions = [
+            get_session(path, engine=name, precision=precision, device=device, threads=threads)
+            for path in models
+        ]
     result = segment_crop(
         crops,
         sessions,
@@ -133,12 +210,18 @@ def segment_side(
         seed=side_seed(seed, side),
         batch_size=batch_size,
     )
+    for phase, seconds in result.timings.items():
+        timer.add(phase, seconds)
     crop_affine = primary.affine.copy()
     crop_affine[:3, 3] = primary.affine[:3, :3] @ np.asarray(box.start) + primary.affine[:3, 3]
     out = Path(out_dir)
     labels_path, uncertainty_path = out / "labels.nii.gz", out / "uncertainty.nii.gz"
-    nib.save(nib.Nifti1Image(result.labels.astype(np.uint8), crop_affine), labels_path)
-    nib.save(nib.Nifti1Image(result.uncertainty.astype(np.float32), crop_affine), uncertainty_path)
+    with timer.step("write"):
+        nib.save(nib.Nifti1Image(result.labels.astype(np.uint8), crop_affine), labels_path)
+        nib.save(
+            nib.Nifti1Image(result.uncertainty.astype(np.float32), crop_affine), uncertainty_path
+        )
+    timer.write(out)
     return labels_path, uncertainty_path
 
 
@@ -159,6 +242,7 @@ def paste_back_sides(
     from hsf_bids.outputs.derivatives import image_on_grid
     from hsf_bids.outputs.lut import bilateral_index
 
+    timer = StageTimer("paste_back")
     source = nib.load(in_file)
     ras, ornt = _ras_image(in_file)
     boxes = read_localisation(localisation_file)["boxes"]
@@ -179,6 +263,7 @@ def paste_back_sides(
     unc = out / "uncertainty.nii.gz"
     nib.save(image_on_grid(from_ras(labels, ornt), source, np.uint8, intent="label"), dseg)
     nib.save(image_on_grid(from_ras(uncertainty, ornt), source, np.float32), unc)
+    timer.write(out)
     return dseg, unc
 
 
@@ -202,6 +287,7 @@ def write_derivatives(
     """
     from hsf_bids.outputs import Entities, compute_volumes, estimate_icv_mm3, write_segmentation
 
+    timer = StageTimer("derivatives")
     entities = Entities.from_filename(source_file)
     loc = json.loads(Path(localisation_file).read_text())
     source = nib.load(source_file)
@@ -225,6 +311,7 @@ def write_derivatives(
     )  # fmt: skip
     part = Path(out_dir) / "volumes_part.tsv"
     table.to_csv(part, sep="\t", index=False, na_rep="n/a")
+    timer.write(out_dir)
     return written, part
 
 

@@ -243,8 +243,8 @@ def test_resolve_engine_choices():
     assert ("onnxruntime", "fp32", "cpu") in choices
     assert ("openvino", "fp32", "cpu") in choices
     assert (("openvino", "bf16", "cpu") in choices) == cpu_supports_bf16()
-    expected_auto = ("openvino", "bf16" if cpu_supports_bf16() else "fp32", "cpu")
-    assert resolve_engine("auto", "cpu") == expected_auto
+    # bf16 is never picked by auto until its agreement with fp32 is recorded (test_speed.py).
+    assert resolve_engine("auto", "cpu") == ("openvino", "fp32", "cpu")
     assert resolve_engine("auto", "cpu", "fp32") == ("openvino", "fp32", "cpu")
     assert resolve_engine("onnxruntime", "cpu") == ("onnxruntime", "fp32", "cpu")
     assert resolve_engine("openvino", "cpu", "fp32") == ("openvino", "fp32", "cpu")

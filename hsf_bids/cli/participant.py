@@ -1,12 +1,27 @@
-"""The participant level: validate, get the models, query the images, run the workflow."""
+"""The participant level: validate, get the models, query the images, run the workflow.
+
+Start-up is kept short: the BIDS validator runs in its own process while the dataset is queried
+and the heavy libraries are imported, and with the Linear plugin the models are loaded in a
+thread while the first registration runs. The run's own phases are timed into
+``<work_dir>/timing_<run-id>.json`` (diagnostics for ``benchmarks/participant.py``).
+"""
 
 from __future__ import annotations
 
+import json
 import logging
 import sys
+import threading
+import time
 from pathlib import Path
 
-from hsf_bids.bids import BIDSQueryError, SegmentationJob, collect_jobs, validate_dataset
+from hsf_bids.bids import (
+    BIDSQueryError,
+    PendingValidation,
+    SegmentationJob,
+    collect_jobs,
+    start_validation,
+)
 from hsf_bids.cli import exit_codes as ex
 from hsf_bids.config import RunConfig
 from hsf_bids.logs import crash_files, crash_reason
@@ -18,21 +33,65 @@ def _say(message: str) -> None:
     print(f"hsf-bids: {message}", file=sys.stderr)
 
 
-def _validate_input(config: RunConfig) -> int | None:
-    """Run the BIDS validator on the input; an exit code when the dataset is invalid."""
+class _Phases:
+    """Wall time of the participant run's own phases (outside the workflow's stages)."""
+
+    def __init__(self) -> None:
+        self.started = time.time()
+        self._clock = time.perf_counter()
+        self.seconds: dict[str, float] = {}
+
+    def lap(self, phase: str) -> None:
+        now = time.perf_counter()
+        self.seconds[phase] = self.seconds.get(phase, 0.0) + now - self._clock
+        self._clock = now
+
+    def write(self, config: RunConfig) -> None:
+        record = {"stage": "participant", "started": self.started,
+                  "seconds": {k: round(v, 6) for k, v in self.seconds.items()}}  # fmt: skip
+        LOGGER.debug("participant phases: %s", record["seconds"])
+        try:  # diagnostics only, never a reason to fail
+            path = config.work_dir / f"timing_{config.run_id}.json"
+            path.write_text(json.dumps(record, indent=1) + "\n")
+        except OSError as exc:
+            LOGGER.debug("cannot write the timing record: %s", exc)
+
+
+def _start_validation(config: RunConfig) -> PendingValidation | None:
+    """Start the BIDS validator on the input in the background (None when skipped)."""
     if config.skip_bids_validation:
         return None
     try:
-        errors, _ = validate_dataset(config.bids_dir)
+        return start_validation(config.bids_dir)
     except FileNotFoundError as exc:
         _say(f"warning: BIDS validation skipped: {exc}")
         return None
+
+
+def _warm_up(pending: PendingValidation) -> None:
+    """While the validator runs in its own process: import what the workflow will need
+    (Nipype, ANTs), which costs seconds of this process's time, not the validator's."""
+    for module in ("hsf_bids.workflows.base", "ants"):
+        if not pending.running():
+            return
+        try:
+            __import__(module)
+        except ImportError:  # the stage that needs it reports the problem
+            return
+
+
+def _validate_input(pending: PendingValidation | None) -> int | None:
+    """The BIDS validator's verdict on the input; an exit code when the dataset is invalid."""
+    if pending is None:
+        return None
+    try:
+        errors, _ = pending.result()
     except RuntimeError as exc:
         _say(f"warning: BIDS validation skipped: {exc}")
         return None
     if errors:
         _say(
-            f"error: the input dataset {config.bids_dir} is not valid BIDS "
+            f"error: the input dataset {pending.path} is not valid BIDS "
             f"({len(errors)} kind(s) of error); fix it or pass --skip-bids-validation:\n  "
             + "\n  ".join(errors)
         )
@@ -119,9 +178,11 @@ def run_participant(config: RunConfig) -> int:
 
     if config.reports_only:
         return _reports_only(config)
-    code = _validate_input(config)
-    if code is not None:
-        return code
+    phases = _Phases()
+    pending = _start_validation(config)
+    # The query runs while the validator does; its outcome is only acted on once the dataset is
+    # known to be valid, so an invalid dataset still ends with its own exit code first.
+    query_error: Exception | None = None
     try:
         jobs, without = collect_jobs(
             config.bids_dir,
@@ -130,17 +191,32 @@ def run_participant(config: RunConfig) -> int:
             contrast=config.contrast,
             bids_filters=config.bids_filters,
         )
-    except BIDSQueryError as exc:
-        _say(f"error: {exc}")
-        return exc.exit_code
+    except Exception as exc:  # noqa: BLE001 - re-raised or reported after validation
+        query_error = exc
+    phases.lap("query")
+    if pending is not None:
+        if query_error is None:
+            _warm_up(pending)
+        phases.lap("imports")
+        code = _validate_input(pending)
+        phases.lap("validation")
+        if code is not None:
+            return code
+    if isinstance(query_error, BIDSQueryError):
+        _say(f"error: {query_error}")
+        return query_error.exit_code
+    if query_error is not None:
+        raise query_error
     for reason in without:
         _say(f"error: {reason}")
     jobs, invalid = _check_images(jobs)
+    phases.lap("check_images")
     if not jobs:
         return ex.EX_DATAERR
 
     try:
         preset, model_paths = _models(config)
+        phases.lap("models")
     except (HubError, ModelsError, OSError) as exc:
         _say(f"error: {exc}")
         return _hub_exit_code(exc)
@@ -154,16 +230,19 @@ def run_participant(config: RunConfig) -> int:
     except TemplateError as exc:
         _say(f"error: {exc}")
         return ex.EX_NOINPUT
+    phases.lap("engine_templates")
 
     from hsf_bids.outputs import DerivativesError, LutConflictError
 
     try:
-        failed = _run_workflow(config, jobs, preset, model_paths, engine)
+        failed = _run_workflow(config, jobs, preset, model_paths, engine, phases)
     except (LutConflictError, DerivativesError) as exc:
         _say(f"error: {exc}")
         return ex.EX_CANTCREAT
     _report(config, jobs, failed)
     _write_reports(config, jobs)
+    phases.lap("reports")
+    phases.write(config)
     if failed:
         return ex.EX_FAILURE
     if invalid:
@@ -207,11 +286,13 @@ def _run_workflow(
     preset,  # noqa: ANN001 - hub Preset
     model_paths: list[Path],
     engine: tuple[str, str, str],
+    phases: _Phases,
 ) -> dict[str, list[Path]]:
     """Build and run the workflow; returns the failed subjects with their crash files."""
     from hsf_bids.workflows.base import init_hsf_wf, segmentation_settings
 
     seg = segmentation_settings(config, preset, model_paths, engine)
+    loader = _prefetch_sessions(seg) if config.plugin == "Linear" else None
     _write_shared_files(config, seg.ca_mode)
     subjects = sorted({job.subject for job in jobs})
     for subject in subjects:
@@ -223,16 +304,46 @@ def _run_workflow(
             wf.write_graph(graph2use="colored", format="svg", simple_form=True)
         except Exception as exc:  # graphviz missing: the graph is optional
             _say(f"warning: could not write the workflow graph: {exc}")
+    phases.lap("workflow_build")
     try:
         wf.run(plugin=config.plugin, plugin_args=config.plugin_args)
     except Exception as exc:  # noqa: BLE001 - node failures are reported from their crash files
         LOGGER.debug("workflow ended with errors: %s", exc)
+    if loader is not None:
+        loader.join()  # never leave a thread inside an engine's C++ code at exit
+    phases.lap("workflow_run")
     failed = {}
     for subject in subjects:
         crashes = crash_files(config.subject_log_dir(subject))
         if crashes:
             failed[f"sub-{subject}"] = crashes
     return failed
+
+
+def _prefetch_sessions(seg) -> threading.Thread:  # noqa: ANN001 - workflows Segmentation
+    """Load the models in a thread, so they are ready when the first side is segmented.
+
+    Only for the Linear plugin, whose nodes run in this process and share its session cache
+    (:func:`hsf_bids.engines.get_session`, same key as :func:`hsf_bids.stages.segment_side`);
+    the engines load in native code, in parallel with the single-threaded registration. A model
+    that fails to load here is loaded again by the stage, which reports the error.
+    """
+    from hsf_bids.engines import get_session
+
+    name, precision, device = seg.engine
+
+    def load() -> None:
+        for path in seg.models:
+            try:
+                get_session(path, engine=name, precision=precision, device=device,
+                            threads=seg.threads)  # fmt: skip
+            except Exception as exc:  # noqa: BLE001 - the stage raises it with context
+                LOGGER.debug("prefetching %s failed: %s", path, exc)
+                return
+
+    thread = threading.Thread(target=load, name="hsf_bids-load-models", daemon=True)
+    thread.start()
+    return thread
 
 
 def _report(config: RunConfig, jobs: list[SegmentationJob], failed: dict[str, list[Path]]) -> None:

@@ -9,6 +9,18 @@ Public interface:
 * :func:`available_engines` lists the ``(engine, precision, device)`` choices that run here;
 * :func:`resolve_engine` turns a user's choice (``auto`` or explicit) into one of them.
 
+The agreement gate of ``auto``: a faster engine or precision is only picked automatically when
+its segmentations are recorded in :data:`AGREEMENT` as agreeing with the reference (onnxruntime
+fp32 on the CPU) at a Dice of at least :data:`MIN_AGREEMENT_DICE` for every structure. The table
+holds measurements, not guesses: ``python benchmarks/participant.py --agreement`` measures it
+(demo models on the ds-mini crops, with and without test-time augmentation) and the tests check
+the OpenVINO fp32 entry on a real crop. A combination never measured (``None``: bf16 needs a CPU
+with AMX or AVX512-BF16, CUDA a GPU, neither of which the project's machines had) is not picked
+by ``auto``; it still runs when asked for explicitly, and ``--device cuda`` (the user's choice of
+device) still gets onnxruntime fp32 on the GPU. A static table costs nothing at start-up
+and cannot be skewed by one run on a noisy machine; its limit is that it is per engine version,
+so it is measured again when an engine is upgraded.
+
 Errors: :class:`UnknownEngineError` for a name that is not an engine, device or precision;
 :class:`EngineUnavailableError` for a valid choice that cannot run here; :class:`ModelLoadError`
 for a model file that cannot be loaded; :class:`InputShapeError` for a bad batch.
@@ -33,6 +45,8 @@ from hsf_bids.engines.base import (
 __all__ = [
     "DEVICES",
     "ENGINES",
+    "AGREEMENT",
+    "MIN_AGREEMENT_DICE",
     "PRECISIONS",
     "EngineError",
     "EngineUnavailableError",
@@ -40,6 +54,7 @@ __all__ = [
     "ModelLoadError",
     "Session",
     "UnknownEngineError",
+    "agrees_with_reference",
     "available_engines",
     "clear_session_cache",
     "cpu_supports_bf16",
@@ -53,6 +68,19 @@ log = logging.getLogger(__name__)
 ENGINES = ("onnxruntime", "openvino", "deepsparse")
 DEVICES = ("cpu", "cuda")
 PRECISIONS = ("fp32", "bf16", "int8")
+
+REFERENCE = ("onnxruntime", "fp32", "cpu")
+MIN_AGREEMENT_DICE = 0.98
+# Lowest Dice per structure against REFERENCE, over the demo models' segmentations of the
+# ds-mini heads (benchmarks/participant.py --agreement: sub-04 ses-01 and sub-01, both sides,
+# TTA on and off, vote fusion; CA2, which the demo models never predict, is left out). Measured
+# with onnxruntime 1.32.0 and OpenVINO 2026.4.1 on an AMD EPYC (AVX2). None: never measured.
+AGREEMENT: dict[tuple[str, str, str], float | None] = {
+    REFERENCE: 1.0,
+    ("openvino", "fp32", "cpu"): 1.0,
+    ("openvino", "bf16", "cpu"): None,  # needs AMX / AVX512-BF16 to run at all
+    ("onnxruntime", "fp32", "cuda"): None,  # no GPU was available to measure it
+}
 
 
 class UnknownEngineError(EngineError, ValueError):
@@ -94,6 +122,13 @@ def _openvino_available() -> bool:
     return True
 
 
+def agrees_with_reference(choice: tuple[str, str, str]) -> bool:
+    """True when ``(engine, precision, device)`` is recorded in :data:`AGREEMENT` as agreeing
+    with onnxruntime fp32 on the CPU at Dice >= :data:`MIN_AGREEMENT_DICE` per structure."""
+    dice = AGREEMENT.get(tuple(choice))
+    return dice is not None and dice >= MIN_AGREEMENT_DICE
+
+
 def available_engines() -> list[tuple[str, str, str]]:
     """The ``(engine, precision, device)`` choices that can run in this process, fastest first.
 
@@ -123,10 +158,13 @@ def resolve_engine(
     """Turn a requested engine/device/precision into the ``(engine, precision, device)`` to run.
 
     ``auto`` picks the first entry of :func:`available_engines` for the device (and precision,
-    if given), skipping DeepSparse. A CUDA request without a usable CUDA provider falls back to
-    the CPU with a logged warning (for ``auto`` and ``onnxruntime``). An explicit engine or
-    precision that cannot run here raises :class:`EngineUnavailableError` naming what is missing;
-    an unknown name raises :class:`UnknownEngineError`.
+    if given) that :func:`agrees_with_reference`, so never DeepSparse nor a combination whose
+    agreement is unmeasured or below the threshold; onnxruntime fp32 on CUDA is picked when the
+    user asks for ``--device cuda`` (their choice of device, the same precision). A CUDA request
+    without a usable CUDA provider falls back to the CPU with a logged warning (for ``auto`` and
+    ``onnxruntime``). An explicit engine or precision that cannot run here raises
+    :class:`EngineUnavailableError` naming what is missing; an unknown name raises
+    :class:`UnknownEngineError`.
     """
     _check_names(engine, device, precision, allow_auto=True)
     choices = available_engines()
@@ -140,11 +178,25 @@ def resolve_engine(
             device = "cpu"
 
     if engine == "auto":
+        skipped = []
         for choice in choices:
             if choice[0] == "deepsparse" or choice[2] != device:
                 continue
-            if precision is None or choice[1] == precision:
-                return choice
+            if precision is not None and choice[1] != precision:
+                continue
+            # --device cuda is the user's own choice of device, and fp32 there runs the same
+            # graph in the same precision: only a shortcut the user did not ask for is gated.
+            asked_for = choice[2] == "cuda" and choice[1] == "fp32"
+            if not asked_for and not agrees_with_reference(choice):
+                skipped.append("/".join(choice))
+                continue
+            if skipped:
+                log.info(
+                    "engine auto: skipped %s (no recorded agreement with onnxruntime fp32 at "
+                    "Dice >= %s; ask for it explicitly to use it)", ", ".join(skipped),
+                    MIN_AGREEMENT_DICE,
+                )  # fmt: skip
+            return choice
         raise EngineUnavailableError(
             f"no engine runs precision {precision!r} on {device} here; available: "
             + ", ".join("/".join(c) for c in choices)

@@ -17,12 +17,18 @@ model runs, and predictions are added to the fusion in a fixed order (input, cop
 labels and uncertainty are byte-identical for a given seed whatever the batch size (given an
 engine whose output does not depend on the batch size, as the published models' per-instance
 normalisation intends).
+
+Timing: the result carries the wall time of each phase (``timings``: ``augment`` = drawing and
+applying augmentations, z-scoring, padding; ``network`` = the sessions' forward passes;
+``invert`` = un-padding, ``ca_mode`` merging and inverting augmentations; ``fusion`` = the
+accumulator), so the overhead around the network can be measured; timing reads a clock only.
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -62,6 +68,7 @@ class CropSegmentation:
     ca_mode, fusion : the settings used.
     label_names : name of each label value.
     probabilities : float32 ``[C, x, y, z]`` mean probability, only when asked for.
+    timings : wall seconds per phase (``augment``, ``network``, ``invert``, ``fusion``).
     """
 
     labels: np.ndarray
@@ -71,6 +78,7 @@ class CropSegmentation:
     fusion: str
     label_names: tuple[str, ...]
     probabilities: np.ndarray | None = None
+    timings: dict[str, float] = field(default_factory=dict)
 
 
 def _check_inputs(
@@ -178,6 +186,15 @@ def segment_crop(
 
     # Draw every augmentation before running anything: the draws then depend on the seed, the
     # inputs' shapes and spacings only, not on the batch size or the number of models.
+    timings = dict.fromkeys(("augment", "network", "invert", "fusion"), 0.0)
+    clock = time.perf_counter()
+
+    def lap(phase: str) -> None:
+        nonlocal clock
+        now = time.perf_counter()
+        timings[phase] += now - clock
+        clock = now
+
     rng = _resolve_rng(seed)
     jobs: list[tuple[int, Augmentation | None]] = []
     for index, (crop, spacing) in enumerate(checked):
@@ -186,7 +203,9 @@ def segment_crop(
         jobs.extend((index, aug) for aug in augs)
 
     shape = checked[0][0].shape
+    lap("augment")
     accumulator = FusionAccumulator(shape, n_labels, votes=fusion == "vote")
+    lap("fusion")
     for start in range(0, len(jobs), batch_size):
         chunk = jobs[start : start + batch_size]
         images = []
@@ -200,25 +219,38 @@ def segment_crop(
             images.append(normalised)
         batch, pads = pad_to_multiple(np.stack(images)[:, None])
         batch = np.ascontiguousarray(batch, dtype=np.float32)
+        lap("augment")
         # [models, batch, C, x, y, z], merged to ca_mode on the padded grid's crop region.
-        predictions = [merge_ca(unpad(_run_session(s, batch), pads), ca_mode) for s in sessions]
+        predictions = []
+        for s in sessions:
+            probs = _run_session(s, batch)
+            lap("network")
+            predictions.append(merge_ca(unpad(probs, pads), ca_mode))
+            lap("invert")
         for position, (_, aug) in enumerate(chunk):
             if fusion == "vote":
                 members = np.stack([p[position] for p in predictions])
                 if aug is not None:
                     members = aug.invert(members)
+                lap("invert")
                 for member in members:
                     accumulator.add(member)
+                lap("fusion")
             else:
                 total = np.zeros((n_labels, *shape), dtype=np.float32)
                 for p in predictions:
                     total += p[position]
+                lap("fusion")
                 if aug is not None:
                     # Background fill outside the field of view must weigh as many models.
                     total = aug.invert(total / len(sessions)) * len(sessions)
+                lap("invert")
                 accumulator.add_sum(total, len(sessions))
+                lap("fusion")
 
     labels, uncertainty = accumulator.result(fusion)
+    probabilities = accumulator.mean_probabilities() if return_probabilities else None
+    lap("fusion")
     return CropSegmentation(
         labels=labels,
         uncertainty=uncertainty,
@@ -226,5 +258,6 @@ def segment_crop(
         ca_mode=ca_mode,
         fusion=fusion,
         label_names=label_names(ca_mode),
-        probabilities=accumulator.mean_probabilities() if return_probabilities else None,
+        probabilities=probabilities,
+        timings=timings,
     )
