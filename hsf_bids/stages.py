@@ -17,11 +17,8 @@ them back. Timing reads a clock only and never changes a result.
 from __future__ import annotations
 
 import json
-import logging
 import os
-import time
-from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -32,63 +29,9 @@ import pandas as pd
 from hsf_bids.image import from_ras, load_anat, to_ras
 from hsf_bids.locate import SIDES, Box, crop, locate, register_to, resample_to
 from hsf_bids.outputs.derivatives import write_json
+from hsf_bids.timing import StageTimer
 
 LOCALISATION_JSON = "localisation.json"
-TIMING_JSON = "timing.json"
-
-timing_log = logging.getLogger("hsf_bids.timing")
-
-
-class StageTimer:
-    """Wall time of the steps of one stage, written as a small JSON record.
-
-    ``with timer.step("name"): ...`` adds the block's seconds to ``seconds["name"]``;
-    :meth:`write` saves ``{"stage", "started" (Unix time), "total", "seconds"}``.
-    """
-
-    def __init__(self, stage: str) -> None:
-        self.stage = stage
-        self.started = time.time()
-        self._start = time.perf_counter()
-        self.seconds: dict[str, float] = {}
-
-    @contextmanager
-    def step(self, name: str) -> Iterator[None]:
-        start = time.perf_counter()
-        try:
-            yield
-        finally:
-            self.add(name, time.perf_counter() - start)
-
-    def add(self, name: str, seconds: float) -> None:
-        self.seconds[name] = self.seconds.get(name, 0.0) + float(seconds)
-
-    def record(self) -> dict[str, Any]:
-        """The record as written: stage name, start time, total and per-step seconds."""
-        return {
-            "stage": self.stage,
-            "started": self.started,
-            "total": time.perf_counter() - self._start,
-            "seconds": {k: round(v, 6) for k, v in self.seconds.items()},
-        }
-
-    def write(self, out_dir: str | os.PathLike[str]) -> Path:
-        """Write the record to ``out_dir/timing.json``; returns its path."""
-        record = self.record()
-        timing_log.debug("%s: %.3f s %s", self.stage, record["total"], record["seconds"])
-        path = Path(out_dir) / TIMING_JSON
-        # Diagnostics only: a plain write, and a failure must not fail the stage.
-        try:
-            path.write_text(json.dumps(record, indent=1) + "\n")
-        except OSError as exc:
-            timing_log.debug("cannot write %s: %s", path, exc)
-        return path
-
-
-def read_timing(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """A record written by :meth:`StageTimer.write`."""
-    return json.loads(Path(path).read_text())
-
 
 def read_localisation(path: str | os.PathLike[str]) -> dict[str, Any]:
     """A localisation written by :func:`localise` (boxes as :class:`Box`)."""

@@ -13,7 +13,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from hsf_bids import engines, stages
+from hsf_bids import engines, stages, timing
 from hsf_bids.engines import (
     AGREEMENT,
     MIN_AGREEMENT_DICE,
@@ -138,7 +138,7 @@ def test_stages_write_timing_records(ds_mini, demo_models, head_crops, templatef
         output_dir=tmp_path / "out", ca_mode="1/2/3", contrast="T1w",
         provenance={"Engine": {"Name": "onnxruntime"}}, out_dir=folders["deriv"],
     )  # fmt: skip
-    records = {name: stages.read_timing(folder / stages.TIMING_JSON)
+    records = {name: timing.read_timing(folder / timing.TIMING_JSON)
                for name, folder in folders.items()}  # fmt: skip
     assert records["loc"]["stage"] == "localise"
     assert set(records["loc"]["seconds"]) == {"read", "register", "write"}
@@ -152,11 +152,11 @@ def test_stages_write_timing_records(ds_mini, demo_models, head_crops, templatef
     assert records["paste"]["stage"] == "paste_back" and records["paste"]["total"] > 0
     assert records["deriv"]["stage"] == "derivatives"
     # Never among the derivatives.
-    assert not list((tmp_path / "out").rglob(stages.TIMING_JSON))
+    assert not list((tmp_path / "out").rglob(timing.TIMING_JSON))
     # The stage's outputs are what segment_crop gives on the same crop (boxes as recorded).
     box = stages.read_localisation(loc)["boxes"]["left"]
     assert (box.start, box.stop) == BOXES["left"]
     sessions = [get_session(m, engine="onnxruntime", threads=2) for m in demo_models]
     expected = segment_crop([head_crops["left"]], sessions, test_time_augmentation=False).labels
     assert np.array_equal(np.asarray(nib.load(outputs["left"][0]).dataobj), expected)
-    assert json.loads((tmp_path / "loc" / stages.TIMING_JSON).read_text())["total"] > 0
+    assert json.loads((tmp_path / "loc" / timing.TIMING_JSON).read_text())["total"] > 0

@@ -8,11 +8,9 @@ thread while the first registration runs. The run's own phases are timed into
 
 from __future__ import annotations
 
-import json
 import logging
 import sys
 import threading
-import time
 from pathlib import Path
 
 from hsf_bids.bids import (
@@ -25,36 +23,13 @@ from hsf_bids.bids import (
 from hsf_bids.cli import exit_codes as ex
 from hsf_bids.config import RunConfig
 from hsf_bids.logs import crash_files, crash_reason
+from hsf_bids.timing import StageTimer
 
 LOGGER = logging.getLogger("hsf_bids")
 
 
 def _say(message: str) -> None:
     print(f"hsf-bids: {message}", file=sys.stderr)
-
-
-class _Phases:
-    """Wall time of the participant run's own phases (outside the workflow's stages)."""
-
-    def __init__(self) -> None:
-        self.started = time.time()
-        self._clock = time.perf_counter()
-        self.seconds: dict[str, float] = {}
-
-    def lap(self, phase: str) -> None:
-        now = time.perf_counter()
-        self.seconds[phase] = self.seconds.get(phase, 0.0) + now - self._clock
-        self._clock = now
-
-    def write(self, config: RunConfig) -> None:
-        record = {"stage": "participant", "started": self.started,
-                  "seconds": {k: round(v, 6) for k, v in self.seconds.items()}}  # fmt: skip
-        LOGGER.debug("participant phases: %s", record["seconds"])
-        try:  # diagnostics only, never a reason to fail
-            path = config.work_dir / f"timing_{config.run_id}.json"
-            path.write_text(json.dumps(record, indent=1) + "\n")
-        except OSError as exc:
-            LOGGER.debug("cannot write the timing record: %s", exc)
 
 
 def _start_validation(config: RunConfig) -> PendingValidation | None:
@@ -178,7 +153,7 @@ def run_participant(config: RunConfig) -> int:
 
     if config.reports_only:
         return _reports_only(config)
-    phases = _Phases()
+    phases = StageTimer("participant")
     pending = _start_validation(config)
     # The query runs while the validator does; its outcome is only acted on once the dataset is
     # known to be valid, so an invalid dataset still ends with its own exit code first.
@@ -242,7 +217,7 @@ def run_participant(config: RunConfig) -> int:
     _report(config, jobs, failed)
     _write_reports(config, jobs)
     phases.lap("reports")
-    phases.write(config)
+    phases.write(config.work_dir, f"timing_{config.run_id}.json")
     if failed:
         return ex.EX_FAILURE
     if invalid:
@@ -286,7 +261,7 @@ def _run_workflow(
     preset,  # noqa: ANN001 - hub Preset
     model_paths: list[Path],
     engine: tuple[str, str, str],
-    phases: _Phases,
+    phases: StageTimer,
 ) -> dict[str, list[Path]]:
     """Build and run the workflow; returns the failed subjects with their crash files."""
     from hsf_bids.workflows.base import init_hsf_wf, segmentation_settings
