@@ -44,15 +44,14 @@ def _start_validation(config: RunConfig) -> PendingValidation | None:
 
 
 def _warm_up(pending: PendingValidation) -> None:
-    """While the validator runs in its own process: import what the workflow will need
-    (Nipype, ANTs), which costs seconds of this process's time, not the validator's."""
-    for module in ("hsf_bids.workflows.base", "ants"):
-        if not pending.running():
-            return
-        try:
-            __import__(module)
-        except ImportError:  # the stage that needs it reports the problem
-            return
+    """While the validator runs in its own process: import the workflow and its stages
+    (Nipype, SciPy, nibabel), which costs this process about a second it would spend anyway."""
+    if not pending.running():
+        return
+    try:
+        __import__("hsf_bids.workflows.base")
+    except ImportError:  # the stage that needs it reports the problem
+        return
 
 
 def _validate_input(pending: PendingValidation | None) -> int | None:
