@@ -412,8 +412,9 @@ def _ants_library():  # noqa: ANN202 - antspyx's compiled module
 
     ``import ants`` costs about 3 s of start-up (its ``__init__`` imports matplotlib,
     scikit-learn and statsmodels for plotting and learning helpers); registration needs only the
-    compiled ``antsRegistration``. The module is registered as ``ants.lib``, where the package
-    would put it, so a later ``import ants`` in the same process reuses it.
+    compiled ``antsRegistration``. The module is registered as ``ants.lib``, the name the
+    package imports it by, so a later ``import ants`` in the same process uses this one rather
+    than initialising the library a second time.
     """
     module = sys.modules.get("ants.lib")
     if module is not None:

@@ -341,3 +341,64 @@ def test_box_survives_a_json_round_trip():
     again = L.Box.from_dict(json.loads(json.dumps(box.to_dict())))
     assert again == box
     assert again.slices == box.slices and again.clipped_voxels == box.clipped_voxels
+
+
+# ---------------------------------------------------------------------------------- ANTs access
+
+
+def test_registration_runs_without_importing_the_ants_package(ds_mini, templateflow_home) -> None:
+    """A fresh process localises a head through antspyx's compiled library only (``import
+    ants`` costs seconds of start-up); ``import ants`` still works afterwards, on that library."""
+    import subprocess
+    import sys
+
+    head = ds_mini / HEADS["sub-02_T2w"][0]
+    code = f"""
+import sys
+from hsf_bids.image import load_anat, to_ras
+from hsf_bids.locate import locate
+ras, _ = to_ras(load_anat({str(head)!r}))
+loc = locate(ras, "T2w", seed=0)
+assert loc.boxes["left"].label_voxels > 0 and loc.boxes["right"].label_voxels > 0
+print("ants imported:", "ants" in sys.modules)
+lib = sys.modules["ants.lib"]
+import numpy as np
+import ants
+import ants.internal
+image = ants.from_numpy(np.ones((4, 5, 6), np.float32))
+print("reused:", ants.internal.lib is lib, image.shape == (4, 5, 6))
+"""
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=False
+    )
+    assert done.returncode == 0, done.stderr
+    assert "ants imported: False" in done.stdout
+    assert "reused: True True" in done.stdout
+
+
+def test_transform_file_reads_as_ants_does(heads, tmp_path: Path) -> None:
+    """The ``.mat`` reader (scipy) gives the same map as ANTs' own reader on a real result."""
+    import ants
+
+    _, ras, _, _ = heads["sub-04_ses-01_T1w"]
+    subject = L._world_grid(np.asarray(ras.dataobj), np.asarray(ras.affine), 4.0)
+    template = L._template_grid("T1w", 4.0)
+    lib = L._ants_library()
+    f = L._write_grid(*subject, str(tmp_path / "fixed.nii"))
+    m = L._write_grid(*template, str(tmp_path / "moving.nii"))
+    args = ["--dimensionality", "3", "--float", "1", "--output", str(tmp_path / "reg_"),
+            "--initial-moving-transform", f"[{f},{m},1]", "--transform", "Affine[0.25]",
+            "--metric", f"MI[{f},{m},1,32,Regular,0.2]", "--convergence", "[20,1e-6,10]",
+            "--shrink-factors", "2", "--smoothing-sigmas", "1vox",
+            "--random-seed", "1"]  # fmt: skip
+    assert lib.antsRegistration(args) == 0
+    path = str(tmp_path / "reg_0GenericAffine.mat")
+    ours = L._read_ants_affine(path)
+    tx = ants.read_transform(path)
+    # ANTs' own route: subject (fixed) points through its transform, LPS in and out.
+    points = np.array([[30.0, -20.0, -10.0], [-28.0, -22.0, -14.0], [0.0, 0.0, 0.0]])
+    for ras_point in points:
+        lps = ras_point * [-1, -1, 1]
+        expected = np.asarray(tx.apply_to_point(tuple(lps))) * [-1, -1, 1]
+        np.testing.assert_allclose(ours[:3, :3] @ ras_point + ours[:3, 3], expected, atol=1e-4)
+    assert not np.allclose(ours, np.eye(4), atol=1e-3)  # a real, non-trivial registration
