@@ -154,6 +154,15 @@ def summarise(wall: float, started: float, phases: dict, stages: list[dict]) -> 
     return out
 
 
+def memory_marks(phases: dict, stages: list[dict]) -> dict[str, float]:
+    """The run's memory high-water mark (MiB) at the end of each stage, in time order."""
+    records = sorted(stages, key=lambda r: r["started"])
+    marks = {r["stage"]: r["peak_rss_mib"] for r in records if r.get("peak_rss_mib")}
+    if phases.get("peak_rss_mib"):
+        marks["reports"] = phases["peak_rss_mib"]
+    return marks
+
+
 def run_participant(
     hub: Path, engine: str, precision: str, device: str, args: argparse.Namespace, root: Path,
     attempt: int = 0,
@@ -186,6 +195,7 @@ def run_participant(
         return result
     phases, stages = _read_records(work)
     result["stages"] = summarise(wall, started, phases, stages)
+    result["memory"] = memory_marks(phases, stages)
     return result
 
 
@@ -300,6 +310,13 @@ def markdown(machine: list[str], runs: list[dict], skipped: list[str], agree: di
         spread = f"{run['wall_min']:.1f}-{run['wall_max']:.1f}"
         lines.append(f"| {preset} | {engine} | {run['wall']:.1f} | {spread} | " + " | ".join(cells)
                      + f" | {run['peak_rss_gib']:.2f} |")  # fmt: skip
+    marked = [run for run in runs if run.get("memory")]
+    if marked:
+        lines += ["", "Memory high-water mark of the process at the end of each stage (MiB, "
+                  "same runs; every stage of one subject runs in that process):", ""]  # fmt: skip
+        for run in marked:
+            marks = ", ".join(f"{stage} {mib:.0f}" for stage, mib in run["memory"].items())
+            lines.append(f"- {run['preset']} {run['engine']}: {marks}")
     for reason in skipped:
         lines.append(f"\nNot run: {reason}")
     if forward:

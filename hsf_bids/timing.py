@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -24,7 +25,9 @@ class StageTimer:
     """Wall time of the steps of one stage, written as a small JSON record.
 
     ``with timer.step("name"): ...`` adds the block's seconds to ``seconds["name"]``;
-    :meth:`write` saves ``{"stage", "started" (Unix time), "total", "seconds"}``.
+    :meth:`write` saves ``{"stage", "started" (Unix time), "total", "seconds", "peak_rss_mib"}``,
+    the last being the process's memory high-water mark when the record is made (with the
+    Linear plugin every stage runs in one process, so the marks show which stage raised it).
     """
 
     def __init__(self, stage: str) -> None:
@@ -57,6 +60,7 @@ class StageTimer:
             "started": self.started,
             "total": time.perf_counter() - self._start,
             "seconds": {k: round(v, 6) for k, v in self.seconds.items()},
+            "peak_rss_mib": peak_rss_mib(),
         }
 
     def write(self, out_dir: str | os.PathLike[str], name: str = TIMING_JSON) -> Path:
@@ -70,6 +74,17 @@ class StageTimer:
         except OSError as exc:
             timing_log.debug("cannot write %s: %s", path, exc)
         return path
+
+
+def peak_rss_mib() -> float | None:
+    """This process's peak resident memory so far, in MiB (None where it cannot be read)."""
+    try:
+        import resource
+    except ImportError:  # not a Unix
+        return None
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    # Linux reports KiB, macOS bytes.
+    return round(peak / (1024**2 if sys.platform == "darwin" else 1024), 1)
 
 
 def read_timing(path: str | os.PathLike[str]) -> dict[str, Any]:

@@ -151,6 +151,9 @@ def test_stages_write_timing_records(ds_mini, demo_models, head_crops, templatef
         assert sum(record["seconds"].values()) <= record["total"] + 1e-3
     assert records["paste"]["stage"] == "paste_back" and records["paste"]["total"] > 0
     assert records["deriv"]["stage"] == "derivatives"
+    # One process: the memory high-water mark never goes down from stage to stage.
+    marks = [records[name]["peak_rss_mib"] for name in ("loc", "right", "left", "paste", "deriv")]
+    assert marks[0] > 50 and marks == sorted(marks), marks
     # Never among the derivatives.
     assert not list((tmp_path / "out").rglob(timing.TIMING_JSON))
     # The stage's outputs are what segment_crop gives on the same crop (boxes as recorded).
