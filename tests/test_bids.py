@@ -70,3 +70,11 @@ def test_plugin_file_and_resources(ds_mini, tmp_path):
     assert config.plugin_args == {"n_procs": 4, "raise_insufficient": False, "memory_gb": 8.0}
     config = build_config([str(ds_mini), str(tmp_path / "out"), "participant", "--nprocs", "2"])
     assert (config.plugin, config.omp_nthreads) == ("Linear", 2)
+
+
+def test_batch_size_defaults_to_the_device(ds_mini, tmp_path):
+    base = [str(ds_mini), str(tmp_path / "out"), "participant"]
+    assert build_config(base).batch_size == 1
+    assert build_config([*base, "--device", "cuda"]).batch_size == 4
+    assert build_config([*base, "--device", "cuda", "--batch-size", "2"]).batch_size == 2
+    assert build_config([*base, "--batch-size", "3"]).batch_size == 3

@@ -185,9 +185,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument(
         "--batch-size",
         type=_positive_int,
-        default=4,
         help="augmented copies sent to the engine at once; memory grows with it, results do "
-        "not change (default: 4)",
+        "not change (default: 1 on the CPU, 4 on a GPU)",
     )
 
     g = p.add_argument_group("resources and workflow")

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from hsf_bids.cli import exit_codes as ex
 from hsf_bids.cli.parser import build_parser
-from hsf_bids.config import DEFAULT_PRESET, RunConfig
+from hsf_bids.config import DEFAULT_BATCH_SIZE, DEFAULT_PRESET, RunConfig
 
 LOGGER = logging.getLogger("hsf_bids")
 
@@ -162,7 +162,7 @@ def build_config(argv: Sequence[str] | None = None) -> RunConfig:
         fusion=opts.fusion,
         seed=opts.seed,
         margin=tuple(opts.margin) if opts.margin else None,
-        batch_size=opts.batch_size,
+        batch_size=opts.batch_size or DEFAULT_BATCH_SIZE[opts.device],
     )
 
 

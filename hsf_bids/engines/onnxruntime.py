@@ -103,11 +103,19 @@ class OnnxRuntimeSession:
         # By position, not by name: the contract does not promise the names.
         self.input_name = inputs[0].name
         self.output_name = outputs[0].name
+        # Give the arena's memory back after each run: otherwise every session of an ensemble
+        # keeps the peak of its own runs (about 340 MiB for a 48x56x56 crop of the ARUNet), five
+        # sets held at once where one is in use. The cost per pass is within noise (measured).
+        arenas = "cpu:0;gpu:0" if self.device == "cuda" else "cpu:0"
+        self._run_options = ort.RunOptions()
+        self._run_options.add_run_config_entry("memory.enable_memory_arena_shrinkage", arenas)
 
     def run(self, batch: np.ndarray) -> np.ndarray:
         """Probabilities ``[b, C, x, y, z]`` float32 for a ``[b, 1, x, y, z]`` batch."""
         array = check_batch(batch, self.path)
-        (probs,) = self._session.run([self.output_name], {self.input_name: array})
+        (probs,) = self._session.run(
+            [self.output_name], {self.input_name: array}, self._run_options
+        )
         return np.asarray(probs, dtype=np.float32)
 
     def close(self) -> None:

@@ -85,7 +85,7 @@ class _SegmentSideInput(BaseInterfaceInputSpec):
     seed = traits.Int(mandatory=True)
     test_time_augmentation = traits.Bool(mandatory=True)
     num_augmentations = traits.Int(mandatory=True)
-    batch_size = traits.Int(4, usedefault=True)
+    batch_size = traits.Int(1, usedefault=True)
 
 
 class _SegmentSideOutput(TraitedSpec):
