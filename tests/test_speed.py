@@ -77,6 +77,28 @@ def test_auto_never_picks_a_combination_without_recorded_agreement(monkeypatch):
     assert resolve_engine("onnxruntime", "cuda") == ("onnxruntime", "fp32", "cuda")
 
 
+def test_auto_keeps_within_the_memory_budget(demo_models, caplog):
+    """With --mem-gb, auto passes over OpenVINO when its estimate for the ensemble is over the
+    budget, and takes the smallest engine (with a warning) when nothing fits."""
+    assert resolve_engine("auto", "cpu") == ("openvino", "fp32", "cpu")
+    ov = engines.estimated_memory_gb("openvino", demo_models)
+    ort = engines.estimated_memory_gb("onnxruntime", demo_models)
+    assert engines.RUN_BASE_GB < ort < ov
+    roomy = resolve_engine("auto", "cpu", models=demo_models, mem_gb=ov + 0.01)
+    assert roomy == ("openvino", "fp32", "cpu")
+    with caplog.at_level("INFO", logger="hsf_bids.engines"):
+        tight = resolve_engine("auto", "cpu", models=demo_models, mem_gb=(ov + ort) / 2)
+    assert tight == ("onnxruntime", "fp32", "cpu")
+    assert "more than --mem-gb" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="hsf_bids.engines"):
+        hopeless = resolve_engine("auto", "cpu", models=demo_models, mem_gb=0.1)
+    assert hopeless == ("onnxruntime", "fp32", "cpu")
+    assert "no engine fits --mem-gb 0.1" in caplog.text
+    # An explicit engine is the user's choice, whatever the budget.
+    assert resolve_engine("openvino", "cpu", models=demo_models, mem_gb=0.1)[0] == "openvino"
+
+
 def test_every_auto_choice_here_is_recorded_as_agreeing():
     for precision in (None, "fp32"):
         assert agrees_with_reference(resolve_engine("auto", "cpu", precision))

@@ -195,7 +195,10 @@ def run_participant(config: RunConfig) -> int:
         _say(f"error: {exc}")
         return _hub_exit_code(exc)
     try:
-        engine = resolve_engine(config.engine, config.device, config.precision)
+        engine = resolve_engine(
+            config.engine, config.device, config.precision, models=model_paths,
+            mem_gb=config.mem_gb,
+        )  # fmt: skip
     except (EngineError, ValueError) as exc:
         _say(f"error: {exc}")
         return ex.EX_USAGE

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Sequence
 from pathlib import Path
 
 from hsf_bids.engines.base import (
@@ -58,6 +59,7 @@ __all__ = [
     "available_engines",
     "clear_session_cache",
     "cpu_supports_bf16",
+    "estimated_memory_gb",
     "get_session",
     "open_session",
     "resolve_engine",
@@ -81,6 +83,22 @@ AGREEMENT: dict[tuple[str, str, str], float | None] = {
     ("openvino", "bf16", "cpu"): None,  # needs AMX / AVX512-BF16 to run at all
     ("onnxruntime", "fp32", "cuda"): None,  # no GPU was available to measure it
 }
+
+
+# Peak resident memory of a participant run on the CPU, by engine: a base (libraries, images,
+# localisation, one forward pass) plus a multiple of the models' total file size, fitted on the
+# runs of benchmarks/participant.py (one to five same-size ARUNets, 150 MB each, on 48x56x56
+# crops; OpenVINO 2026.4.1 and onnxruntime 1.32.0 on a 2-core AVX2 CPU). OpenVINO keeps repacked
+# weights and per-shape buffers for each model after its first run (about 4x the file, peak
+# 3.6 GiB for bagging_accurate); onnxruntime gives its working memory back (about 1.2x).
+RUN_BASE_GB = 0.7
+MEMORY_PER_MODEL_BYTE = {"openvino": 4.0, "onnxruntime": 1.2, "deepsparse": 4.0}
+
+
+def estimated_memory_gb(engine: str, models: Sequence[str | Path]) -> float:
+    """Rough peak memory (GiB) of a participant run of ``models`` with ``engine`` on the CPU."""
+    size = sum(Path(m).stat().st_size for m in models)
+    return RUN_BASE_GB + MEMORY_PER_MODEL_BYTE.get(engine, 4.0) * size / 1024**3
 
 
 class UnknownEngineError(EngineError, ValueError):
@@ -153,14 +171,22 @@ def available_engines() -> list[tuple[str, str, str]]:
 
 
 def resolve_engine(
-    engine: str = "auto", device: str = "cpu", precision: str | None = None
+    engine: str = "auto",
+    device: str = "cpu",
+    precision: str | None = None,
+    *,
+    models: Sequence[str | Path] = (),
+    mem_gb: float | None = None,
 ) -> tuple[str, str, str]:
     """Turn a requested engine/device/precision into the ``(engine, precision, device)`` to run.
 
     ``auto`` picks the first entry of :func:`available_engines` for the device (and precision,
     if given) that :func:`agrees_with_reference`, so never DeepSparse nor a combination whose
     agreement is unmeasured or below the threshold; onnxruntime fp32 on CUDA is picked when the
-    user asks for ``--device cuda`` (their choice of device, the same precision). A CUDA request
+    user asks for ``--device cuda`` (their choice of device, the same precision). On the CPU,
+    with ``models`` and a memory budget ``mem_gb`` (``--mem-gb``), ``auto`` passes over an
+    engine whose :func:`estimated_memory_gb` exceeds it (OpenVINO holds about three times what
+    onnxruntime does for an ensemble); when none fits, the smallest is used. A CUDA request
     without a usable CUDA provider falls back to the CPU with a logged warning (for ``auto`` and
     ``onnxruntime``). An explicit engine or precision that cannot run here raises
     :class:`EngineUnavailableError` naming what is missing; an unknown name raises
@@ -178,7 +204,7 @@ def resolve_engine(
             device = "cpu"
 
     if engine == "auto":
-        skipped = []
+        skipped, candidates = [], []
         for choice in choices:
             if choice[0] == "deepsparse" or choice[2] != device:
                 continue
@@ -190,17 +216,21 @@ def resolve_engine(
             if not asked_for and not agrees_with_reference(choice):
                 skipped.append("/".join(choice))
                 continue
-            if skipped:
-                log.info(
-                    "engine auto: skipped %s (no recorded agreement with onnxruntime fp32 at "
-                    "Dice >= %s; ask for it explicitly to use it)", ", ".join(skipped),
-                    MIN_AGREEMENT_DICE,
-                )  # fmt: skip
-            return choice
-        raise EngineUnavailableError(
-            f"no engine runs precision {precision!r} on {device} here; available: "
-            + ", ".join("/".join(c) for c in choices)
-        )
+            candidates.append(choice)
+        if not candidates:
+            raise EngineUnavailableError(
+                f"no engine runs precision {precision!r} on {device} here; available: "
+                + ", ".join("/".join(c) for c in choices)
+            )
+        if skipped:
+            log.info(
+                "engine auto: skipped %s (no recorded agreement with onnxruntime fp32 at "
+                "Dice >= %s; ask for it explicitly to use it)", ", ".join(skipped),
+                MIN_AGREEMENT_DICE,
+            )  # fmt: skip
+        if mem_gb is None or not models or device != "cpu":
+            return candidates[0]
+        return _within_memory(candidates, models, mem_gb)
 
     if engine == "openvino" and not _openvino_available():
         raise EngineUnavailableError("engine 'openvino' is not installed (pip install openvino)")
@@ -236,6 +266,28 @@ def resolve_engine(
         f"engine {engine!r} cannot run precision {precision!r} on {device} here; "
         f"it offers {', '.join(supported) or 'nothing'}"
     )
+
+
+def _within_memory(
+    candidates: list[tuple[str, str, str]], models: Sequence[str | Path], mem_gb: float
+) -> tuple[str, str, str]:
+    """The first candidate whose estimated memory fits ``mem_gb``, else the smallest."""
+    need = {c: estimated_memory_gb(c[0], models) for c in candidates}
+    for choice in candidates:
+        if need[choice] <= mem_gb:
+            if choice != candidates[0]:
+                log.info(
+                    "engine auto: %s would need about %.1f GB for these %d model(s), more than "
+                    "--mem-gb %g; using %s (about %.1f GB)", "/".join(candidates[0]),
+                    need[candidates[0]], len(models), mem_gb, "/".join(choice), need[choice],
+                )  # fmt: skip
+            return choice
+    smallest = min(candidates, key=need.__getitem__)
+    log.warning(
+        "engine auto: no engine fits --mem-gb %g with these %d model(s); using %s, the "
+        "smallest (about %.1f GB)", mem_gb, len(models), "/".join(smallest), need[smallest],
+    )  # fmt: skip
+    return smallest
 
 
 def open_session(
