@@ -86,19 +86,20 @@ AGREEMENT: dict[tuple[str, str, str], float | None] = {
 
 
 # Peak resident memory of a participant run on the CPU, by engine: a base (libraries, images,
-# localisation, one forward pass) plus a multiple of the models' total file size, fitted on the
-# runs of benchmarks/participant.py (one to five same-size ARUNets, 150 MB each, on 48x56x56
-# crops; OpenVINO 2026.4.1 and onnxruntime 1.32.0 on a 2-core AVX2 CPU). OpenVINO keeps repacked
-# weights and per-shape buffers for each model after its first run (about 4x the file, peak
-# 3.6 GiB for bagging_accurate); onnxruntime gives its working memory back (about 1.2x).
+# localisation) plus a multiple of the models' total file size, fitted on the runs of
+# benchmarks/participant.py (one to five same-size ARUNets of 143 MiB on 48x56x56 crops, with
+# and without test-time augmentation; OpenVINO 2026.4.1 and onnxruntime 1.32.0, 2-core AVX2 CPU;
+# the largest multiple kept). OpenVINO keeps repacked weights and per-shape buffers for each
+# model after its first run (bagging_accurate: 3.61 GiB); onnxruntime gives its working memory
+# back (1.94 GiB), at about the same speed for an ensemble on that CPU (528 s against 523 s).
 RUN_BASE_GB = 0.7
-MEMORY_PER_MODEL_BYTE = {"openvino": 4.0, "onnxruntime": 1.2, "deepsparse": 4.0}
+MEMORY_PER_MODEL_BYTE = {"openvino": 4.2, "onnxruntime": 1.8, "deepsparse": 4.2}
 
 
 def estimated_memory_gb(engine: str, models: Sequence[str | Path]) -> float:
     """Rough peak memory (GiB) of a participant run of ``models`` with ``engine`` on the CPU."""
     size = sum(Path(m).stat().st_size for m in models)
-    return RUN_BASE_GB + MEMORY_PER_MODEL_BYTE.get(engine, 4.0) * size / 1024**3
+    return RUN_BASE_GB + MEMORY_PER_MODEL_BYTE.get(engine, 4.2) * size / 1024**3
 
 
 class UnknownEngineError(EngineError, ValueError):
