@@ -186,7 +186,7 @@ def resolve_engine(
     agreement is unmeasured or below the threshold; onnxruntime fp32 on CUDA is picked when the
     user asks for ``--device cuda`` (their choice of device, the same precision). On the CPU,
     with ``models`` and a memory budget ``mem_gb`` (``--mem-gb``), ``auto`` passes over an
-    engine whose :func:`estimated_memory_gb` exceeds it (OpenVINO holds about three times what
+    engine whose :func:`estimated_memory_gb` exceeds it (OpenVINO holds about twice what
     onnxruntime does for an ensemble); when none fits, the smallest is used. A CUDA request
     without a usable CUDA provider falls back to the CPU with a logged warning (for ``auto`` and
     ``onnxruntime``). An explicit engine or precision that cannot run here raises
