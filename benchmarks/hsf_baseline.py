@@ -67,7 +67,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -75,7 +74,7 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from forward_pass import machine_description  # noqa: E402
-from participant import PRESETS, SHARED, make_hub  # noqa: E402
+from participant import PRESETS, SHARED, make_hub, timed_process  # noqa: E402
 
 HSF_VERSION = "1.2.3"
 DEFAULT_VENV = Path(tempfile.gettempdir()) / "hsf123-venv"
@@ -307,13 +306,8 @@ def run_hsf(preset: str, hub: dict, models: dict[str, Path], args: argparse.Name
     log_path = folder / "hsf.log"
     cmd = [str(venv_python(args.venv)), str(folder / "driver.py"), *overrides]
     (folder / "command.json").write_text(json.dumps(cmd, indent=1))
-    started = time.time()
-    start = time.perf_counter()
-    with log_path.open("w") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=folder)
-        _, status, usage = os.wait4(proc.pid, 0)
-    wall = time.perf_counter() - start
-    code = os.waitstatus_to_exitcode(status)
+    timed = timed_process(cmd, log_path, env, folder)
+    started, wall, code = timed["started"], timed["wall"], timed["exit"]
     text = log_path.read_text(errors="replace")
     sessions = [json.loads(line.split(MARKER, 1)[1]) for line in text.splitlines()
                 if MARKER in line]  # fmt: skip
@@ -321,7 +315,7 @@ def run_hsf(preset: str, hub: dict, models: dict[str, Path], args: argparse.Name
     if code != 0:
         tail = [line for line in text.strip().splitlines() if line.strip()][-3:]
         problem = f"exit {code}: " + " / ".join(t.strip() for t in tail)
-    return {"preset": preset, "wall": wall, "peak_rss_gib": usage.ru_maxrss / 1024**2,
+    return {"preset": preset, "wall": wall, "peak_rss_gib": timed["peak_rss_gib"],
             "exit": code, "log": str(log_path), "sessions": sessions, "outputs": written,
             "error": problem, "phases": hsf_phases(text, started, wall)}  # fmt: skip
 

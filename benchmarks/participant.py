@@ -163,6 +163,19 @@ def memory_marks(phases: dict, stages: list[dict]) -> dict[str, float]:
     return marks
 
 
+def timed_process(cmd: list[str], log_path: Path, env: dict[str, str], cwd: Path) -> dict:
+    """Run ``cmd`` in a fresh process, its output into ``log_path``: its Unix start time, wall
+    seconds from before the start to the exit, exit code and peak RSS (GiB, from ``wait4``)."""
+    started = time.time()
+    start = time.perf_counter()
+    with log_path.open("w") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=cwd)
+        _, status, usage = os.wait4(proc.pid, 0)
+    return {"started": started, "wall": time.perf_counter() - start,
+            "exit": os.waitstatus_to_exitcode(status),
+            "peak_rss_gib": usage.ru_maxrss / 1024**2}  # fmt: skip
+
+
 def run_participant(
     hub: Path, engine: str, precision: str, device: str, args: argparse.Namespace, root: Path,
     attempt: int = 0,
@@ -181,16 +194,11 @@ def run_participant(
     env = dict(os.environ)
     env.setdefault("TEMPLATEFLOW_HOME", str(SHARED / "data" / "templateflow"))
     log_path = root / f"{tag}.log"
-    started = time.time()
-    start = time.perf_counter()
-    with log_path.open("w") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=REPO)
-        _, status, usage = os.wait4(proc.pid, 0)
-    wall = time.perf_counter() - start
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    result = {"tag": tag, "wall": wall, "peak_rss_gib": usage.ru_maxrss / 1024**2,
-              "exit": proc.returncode, "log": str(log_path)}  # fmt: skip
-    if proc.returncode != 0:
+    timed = timed_process(cmd, log_path, env, REPO)
+    started, wall = timed["started"], timed["wall"]
+    result = {"tag": tag, "wall": wall, "peak_rss_gib": timed["peak_rss_gib"],
+              "exit": timed["exit"], "log": str(log_path)}  # fmt: skip
+    if timed["exit"] != 0:
         result["error"] = log_path.read_text().strip().splitlines()[-1:]
         return result
     phases, stages = _read_records(work)
