@@ -76,6 +76,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from forward_pass import machine_description  # noqa: E402
 from participant import PRESETS, SHARED, make_hub, timed_process  # noqa: E402
 
+from hsf_bids.hub import xxh3_64_file  # noqa: E402
+
 HSF_VERSION = "1.2.3"
 DEFAULT_VENV = Path(tempfile.gettempdir()) / "hsf123-venv"
 DEFAULT_HEAD = SHARED / "data" / "bids" / "ds-mini" / "sub-04" / "ses-01" / "anat"
@@ -205,16 +207,6 @@ def ensure_venv(venv: Path, python: Path, torch_spec: str) -> dict[str, str | No
     return versions
 
 
-def xxh3_64(path: Path) -> str:
-    import xxhash
-
-    digest = xxhash.xxh3_64()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 24), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def preset_models(cache: Path, preset: str) -> tuple[dict, dict[str, Path]]:
     """The preset's hub (:func:`participant.make_hub`, which builds missing models) and its
     model files by name, their checksums checked."""
@@ -225,7 +217,7 @@ def preset_models(cache: Path, preset: str) -> tuple[dict, dict[str, Path]]:
     paths = {}
     for name, entry in hub["models"].items():
         path = (hub_path.parent / entry["url"]).resolve()
-        if not path.is_file() or xxh3_64(path) != entry["xxh3_64"]:
+        if not path.is_file() or xxh3_64_file(path) != entry["xxh3_64"]:
             raise SystemExit(f"error: {path} does not match the checksum in {hub_path}")
         paths[name] = path
     return hub, paths

@@ -83,17 +83,14 @@ def make_models(cache: Path, n: int) -> list[Path]:
 
 def make_hub(cache: Path, preset: str) -> Path:
     """A hub YAML next to the models, equivalent to ``preset`` (relative URLs, XXH3-64)."""
-    import xxhash
     import yaml
+
+    from hsf_bids.hub import xxh3_64_file
 
     n_models, tta = PRESETS[preset]
     models = {}
     for path in make_models(cache, n_models):
-        digest = xxhash.xxh3_64()
-        with path.open("rb") as handle:
-            for block in iter(lambda: handle.read(1 << 24), b""):
-                digest.update(block)
-        models[path.name] = {"url": path.name, "xxh3_64": digest.hexdigest()}
+        models[path.name] = {"url": path.name, "xxh3_64": xxh3_64_file(path)}
     hub = {
         "ca_mode": "1/2/3",
         "models": models,
