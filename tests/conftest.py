@@ -39,6 +39,17 @@ def demo_hub(shared_dir: Path) -> Path:
 
 
 @pytest.fixture(scope="session")
+def demo_models(demo_hub: Path) -> list[Path]:
+    """The demo hub's three ONNX files, in the order its YAML lists them."""
+    import yaml
+
+    hub = yaml.safe_load(demo_hub.read_text())
+    paths = [demo_hub.parent / name for name in hub["models"]]
+    assert len(paths) == 3 and all(p.is_file() for p in paths), paths
+    return paths
+
+
+@pytest.fixture(scope="session")
 def ds_mini(shared_dir: Path) -> Path:
     """The small BIDS dataset of real heads."""
     return shared_dir / "data" / "bids" / "ds-mini"

@@ -10,7 +10,6 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
-import yaml
 
 from hsf_bids.engines import (
     EngineUnavailableError,
@@ -30,13 +29,6 @@ from hsf_bids.engines.onnxruntime import cuda_available
 
 THREADS = 2
 ENGINES = ["onnxruntime", "openvino"]
-
-
-@pytest.fixture(scope="module")
-def demo_models(demo_hub: Path) -> list[Path]:
-    """The demo hub's ONNX files, as listed in its YAML."""
-    hub = yaml.safe_load(demo_hub.read_text())
-    return [demo_hub.parent / name for name in hub["models"]]
 
 
 @pytest.fixture(scope="module")

@@ -27,17 +27,10 @@ THREADS = 2
 
 
 @pytest.fixture(scope="module")
-def model_paths(demo_hub: Path) -> list[Path]:
-    paths = sorted(demo_hub.parent.glob("demo_unet_b*.onnx"))
-    assert len(paths) == 3
-    return paths
-
-
-@pytest.fixture(scope="module")
-def sessions(model_paths):
+def sessions(demo_models):
     return [
         get_session(p, engine="onnxruntime", device="cpu", precision="fp32", threads=THREADS)
-        for p in model_paths
+        for p in demo_models
     ]
 
 
@@ -61,7 +54,7 @@ def crops(mni) -> dict[tuple[str, str], np.ndarray]:
 # An independent, straightforward implementation of HSF's formulas (TTA off).
 
 
-def _reference_probs(crop: np.ndarray, model_paths: list[Path]) -> list[np.ndarray]:
+def _reference_probs(crop: np.ndarray, demo_models: list[Path]) -> list[np.ndarray]:
     """Each model's softmax probabilities on ``crop``, the plain way."""
     x = crop.astype(np.float64)
     x = ((x - x.mean()) / x.std(ddof=1)).astype(np.float32)
@@ -71,7 +64,7 @@ def _reference_probs(crop: np.ndarray, model_paths: list[Path]) -> list[np.ndarr
         pads.append(((total + 1) // 2, total // 2))
     x = np.pad(x, pads)
     out = []
-    for path in model_paths:
+    for path in demo_models:
         session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
         name = session.get_inputs()[0].name
         probs = session.run(None, {name: x[None, None]})[0][0]
@@ -105,9 +98,9 @@ def _reference_vote(probs: list[np.ndarray], ca_mode: str) -> np.ndarray:
 
 
 @pytest.fixture(scope="module")
-def reference(crops, model_paths) -> dict[tuple[str, str], list[np.ndarray]]:
+def reference(crops, demo_models) -> dict[tuple[str, str], list[np.ndarray]]:
     keys = [("T1w", "left"), ("T1w", "right"), ("T2w", "left")]
-    return {key: _reference_probs(crops[key], model_paths) for key in keys}
+    return {key: _reference_probs(crops[key], demo_models) for key in keys}
 
 
 # ---------------------------------------------------------------------------------------------

@@ -31,13 +31,6 @@ HEAD = "sub-04/ses-01/anat/sub-04_ses-01_T1w.nii.gz"
 
 
 @pytest.fixture(scope="module")
-def demo_models(demo_hub: Path) -> list[Path]:
-    paths = sorted(demo_hub.parent.glob("demo_unet_b*.onnx"))
-    assert len(paths) == 3
-    return paths
-
-
-@pytest.fixture(scope="module")
 def head_crops(ds_mini: Path) -> dict[str, tuple[np.ndarray, tuple[float, ...]]]:
     ras, _ = to_ras(load_anat(ds_mini / HEAD))
     spacing = tuple(float(z) for z in ras.header.get_zooms()[:3])
