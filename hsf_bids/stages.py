@@ -102,6 +102,14 @@ def side_seed(seed: int, side: str) -> np.random.Generator:
     return np.random.default_rng(np.random.SeedSequence([int(seed), SIDES.index(side)]))
 
 
+def load_session(path: str | os.PathLike[str], choice: str, threads: int):  # noqa: ANN201
+    """The process's session of one model, run as ``choice`` (``engine/precision/device``)."""
+    from hsf_bids.engines import get_session
+
+    engine, precision, device = choice.split("/")
+    return get_session(path, engine=engine, precision=precision, device=device, threads=threads)
+
+
 def segment_side(
     in_files: Sequence[str | os.PathLike[str]],
     localisation_file: str | os.PathLike[str],
@@ -109,7 +117,7 @@ def segment_side(
     out_dir: str | os.PathLike[str],
     *,
     models: Sequence[str | os.PathLike[str]],
-    engine: Sequence[str],
+    engines: Sequence[str],
     threads: int,
     ca_mode: str,
     fusion: str,
@@ -121,11 +129,11 @@ def segment_side(
     """Segment one side's crop with every model; writes the crop's labels and uncertainty.
 
     ``in_files``: the image whose grid the outputs share, then optionally a second contrast
-    already on that image's RAS+ grid (:func:`coregister`). ``engine`` is ``(engine, precision,
-    device)``. Outputs are NIfTI crops (``labels.nii.gz`` uint8 in ``ca_mode`` labels,
-    ``uncertainty.nii.gz`` float32) placed in the world where the crop lies.
+    already on that image's RAS+ grid (:func:`coregister`). ``engines`` holds each model's
+    ``engine/precision/device`` (``hsf_bids.engines.plan.ModelRun.choice``). Outputs are NIfTI
+    crops (``labels.nii.gz`` uint8 in ``ca_mode`` labels, ``uncertainty.nii.gz`` float32) placed
+    in the world where the crop lies.
     """
-    from hsf_bids.engines import get_session
     from hsf_bids.segment import segment_crop
 
     timer = StageTimer(f"segment_{side}")
@@ -136,12 +144,11 @@ def segment_side(
         crops = [(crop(np.asarray(primary.dataobj), box), spacing)]
         for extra in in_files[1:]:
             crops.append((crop(np.asarray(nib.load(extra).dataobj), box), spacing))
-    name, precision, device = engine
     # Waits here when the participant run is already loading them (prefetch_sessions).
     with timer.step("load_models"):
         sessions = [
-            get_session(path, engine=name, precision=precision, device=device, threads=threads)
-            for path in models
+            load_session(path, choice, threads)
+            for path, choice in zip(models, engines, strict=True)
         ]
     result = segment_crop(
         crops,

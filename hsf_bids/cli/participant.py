@@ -124,6 +124,22 @@ def _models(config: RunConfig):  # noqa: ANN202
     return preset, paths
 
 
+def _plan(config: RunConfig, preset, model_paths: list[Path]):  # noqa: ANN001, ANN202
+    """Which engine and precision runs each model (``engine auto``: through the agreement gate,
+    measured once per model, engine version and CPU; see :mod:`hsf_bids.engines.plan`)."""
+    from hsf_bids.engines.plan import plan_models
+    from hsf_bids.hub import resolve_models_dir
+
+    folder = resolve_models_dir(config.models_dir) / preset.subfolder
+    plan = plan_models(
+        model_paths, [m.xxh3_64 for m in preset.models], folder, engine=config.engine,
+        device=config.device, precision=config.precision, threads=config.omp_nthreads,
+        mem_gb=config.mem_gb,
+    )  # fmt: skip
+    LOGGER.info("inference: %s", plan.describe())
+    return plan
+
+
 def _hub_exit_code(exc: Exception) -> int:
     from hsf_bids.hub import (
         ChecksumError,
@@ -146,7 +162,7 @@ def _hub_exit_code(exc: Exception) -> int:
 
 def run_participant(config: RunConfig) -> int:
     """Segment every selected image; returns the BIDS Apps exit code."""
-    from hsf_bids.engines import EngineError, resolve_engine
+    from hsf_bids.engines import EngineError
     from hsf_bids.hub import HubError, ModelsError
     from hsf_bids.templates import TemplateError
 
@@ -195,24 +211,22 @@ def run_participant(config: RunConfig) -> int:
         _say(f"error: {exc}")
         return _hub_exit_code(exc)
     try:
-        engine = resolve_engine(
-            config.engine, config.device, config.precision, models=model_paths,
-            mem_gb=config.mem_gb,
-        )  # fmt: skip
+        plan = _plan(config, preset, model_paths)
     except (EngineError, ValueError) as exc:
         _say(f"error: {exc}")
         return ex.EX_USAGE
+    phases.lap("engine_plan")
     try:
         _check_templates(jobs)
     except TemplateError as exc:
         _say(f"error: {exc}")
         return ex.EX_NOINPUT
-    phases.lap("engine_templates")
+    phases.lap("templates")
 
     from hsf_bids.outputs import DerivativesError, LutConflictError
 
     try:
-        failed = _run_workflow(config, jobs, preset, model_paths, engine, phases)
+        failed = _run_workflow(config, jobs, preset, plan, phases)
     except (LutConflictError, DerivativesError) as exc:
         _say(f"error: {exc}")
         return ex.EX_CANTCREAT
@@ -261,14 +275,13 @@ def _run_workflow(
     config: RunConfig,
     jobs: list[SegmentationJob],
     preset,  # noqa: ANN001 - hub Preset
-    model_paths: list[Path],
-    engine: tuple[str, str, str],
+    plan,  # noqa: ANN001 - engines.plan.Plan
     phases: StageTimer,
 ) -> dict[str, list[Path]]:
     """Build and run the workflow; returns the failed subjects with their crash files."""
     from hsf_bids.workflows.base import init_hsf_wf, segmentation_settings
 
-    seg = segmentation_settings(config, preset, model_paths, engine)
+    seg = segmentation_settings(config, preset, plan)
     loader = _prefetch_sessions(seg) if config.plugin == "Linear" else None
     _write_shared_files(config, seg.ca_mode)
     subjects = sorted({job.subject for job in jobs})
@@ -305,15 +318,12 @@ def _prefetch_sessions(seg) -> threading.Thread:  # noqa: ANN001 - workflows Seg
     the engines load in native code, in parallel with the single-threaded registration. A model
     that fails to load here is loaded again by the stage, which reports the error.
     """
-    from hsf_bids.engines import get_session
-
-    name, precision, device = seg.engine
+    from hsf_bids.stages import load_session
 
     def load() -> None:
-        for path in seg.models:
+        for path, choice in zip(seg.models, seg.engines, strict=True):
             try:
-                get_session(path, engine=name, precision=precision, device=device,
-                            threads=seg.threads)  # fmt: skip
+                load_session(path, choice, seg.threads)
             except Exception as exc:  # noqa: BLE001 - the stage raises it with context
                 LOGGER.debug("prefetching %s failed: %s", path, exc)
                 return

@@ -7,19 +7,11 @@ Public interface:
 * :func:`get_session` is the same behind a process-wide, thread-safe cache, so a model is loaded
   once per process and reused for both sides and every subject;
 * :func:`available_engines` lists the ``(engine, precision, device)`` choices that run here;
-* :func:`resolve_engine` turns a user's choice (``auto`` or explicit) into one of them.
-
-The agreement gate of ``auto``: a faster engine or precision is only picked automatically when
-its segmentations are recorded in :data:`AGREEMENT` as agreeing with the reference (onnxruntime
-fp32 on the CPU) at a Dice of at least :data:`MIN_AGREEMENT_DICE` for every structure. The table
-holds measurements, not guesses: ``python benchmarks/participant.py --agreement`` measures it
-(demo models on the ds-mini crops, with and without test-time augmentation) and the tests check
-the OpenVINO fp32 entry on a real crop. A combination never measured (``None``: bf16 needs a CPU
-with AMX or AVX512-BF16, CUDA a GPU, neither of which the project's machines had) is not picked
-by ``auto``; it still runs when asked for explicitly, and ``--device cuda`` (the user's choice of
-device) still gets onnxruntime fp32 on the GPU. A static table costs nothing at start-up
-and cannot be skewed by one run on a noisy machine; its limit is that it is per engine version,
-so it is measured again when an engine is upgraded.
+* :func:`resolve_engine` checks an explicit choice (or ``auto`` on a GPU) and names what runs;
+* :func:`~hsf_bids.engines.plan.plan_models` decides, per model of a preset, what ``auto`` runs
+  on the CPU, through the agreement gate (:mod:`hsf_bids.engines.agreement`): a faster engine or
+  precision only where its fused labels were measured, on this CPU and engine version, to agree
+  with onnxruntime fp32 (the reference) at Dice >= 0.98 for every structure.
 
 Errors: :class:`UnknownEngineError` for a name that is not an engine, device or precision;
 :class:`EngineUnavailableError` for a valid choice that cannot run here; :class:`ModelLoadError`
@@ -46,8 +38,6 @@ from hsf_bids.engines.base import (
 __all__ = [
     "DEVICES",
     "ENGINES",
-    "AGREEMENT",
-    "MIN_AGREEMENT_DICE",
     "PRECISIONS",
     "EngineError",
     "EngineUnavailableError",
@@ -55,7 +45,6 @@ __all__ = [
     "ModelLoadError",
     "Session",
     "UnknownEngineError",
-    "agrees_with_reference",
     "available_engines",
     "clear_session_cache",
     "cpu_supports_bf16",
@@ -72,34 +61,31 @@ DEVICES = ("cpu", "cuda")
 PRECISIONS = ("fp32", "bf16", "int8")
 
 REFERENCE = ("onnxruntime", "fp32", "cpu")
-MIN_AGREEMENT_DICE = 0.98
-# Lowest Dice per structure against REFERENCE, over the demo models' segmentations of the
-# ds-mini heads (benchmarks/participant.py --agreement: sub-04 ses-01 and sub-01, both sides,
-# TTA on and off, vote fusion; CA2, which the demo models never predict, is left out). Measured
-# with onnxruntime 1.32.0 and OpenVINO 2026.4.1 on an AMD EPYC (AVX2). None: never measured.
-AGREEMENT: dict[tuple[str, str, str], float | None] = {
-    REFERENCE: 1.0,
-    ("openvino", "fp32", "cpu"): 1.0,
-    ("openvino", "bf16", "cpu"): None,  # needs AMX / AVX512-BF16 to run at all
-    ("onnxruntime", "fp32", "cuda"): None,  # no GPU was available to measure it
-}
 
-
-# Peak resident memory of a participant run on the CPU, by engine: a base (libraries, images,
-# localisation) plus a multiple of the models' total file size, fitted on the runs of
-# benchmarks/participant.py (one to five same-size ARUNets of 143 MiB on 48x56x56 crops, with
-# and without test-time augmentation; OpenVINO 2026.4.1 and onnxruntime 1.32.0, 2-core AVX2 CPU;
-# the largest multiple kept). OpenVINO keeps repacked weights and per-shape buffers for each
-# model after its first run (bagging_accurate: 3.61 GiB); onnxruntime gives its working memory
-# back (1.94 GiB), at about the same speed for an ensemble on that CPU (528 s against 523 s).
+# Peak resident memory of a participant run on the CPU: a base (libraries, images, localisation)
+# plus, per model, a multiple of the size of the file its engine reads, fitted on the runs of
+# benchmarks/participant.py (same-size ARUNets, 143 MiB fp32 or 37 MiB int8, on 48x56x56 crops,
+# with and without test-time augmentation; OpenVINO 2026.4.1 and onnxruntime 1.32.0; the
+# largest multiple kept). OpenVINO keeps repacked weights and per-shape buffers for each model
+# after its first run; onnxruntime gives its working memory back.
 RUN_BASE_GB = 0.7
 MEMORY_PER_MODEL_BYTE = {"openvino": 4.2, "onnxruntime": 1.8, "deepsparse": 4.2}
 
 
-def estimated_memory_gb(engine: str, models: Sequence[str | Path]) -> float:
-    """Rough peak memory (GiB) of a participant run of ``models`` with ``engine`` on the CPU."""
-    size = sum(Path(m).stat().st_size for m in models)
-    return RUN_BASE_GB + MEMORY_PER_MODEL_BYTE.get(engine, 4.2) * size / 1024**3
+def estimated_memory_gb(runs: Sequence[tuple[str, str, str | Path]]) -> float:
+    """Rough peak memory (GiB) of a participant run of models each given as ``(engine,
+    precision, file it reads)`` on the CPU."""
+    size = sum(
+        MEMORY_PER_MODEL_BYTE.get(engine, 4.2) * _model_bytes(Path(path))
+        for engine, _, path in runs
+    )
+    return RUN_BASE_GB + size / 1024**3
+
+
+def _model_bytes(path: Path) -> int:
+    if path.suffix == ".xml":  # an OpenVINO model: the weights are in the .bin beside it
+        return path.stat().st_size + path.with_suffix(".bin").stat().st_size
+    return path.stat().st_size
 
 
 class UnknownEngineError(EngineError, ValueError):
@@ -141,19 +127,12 @@ def _openvino_available() -> bool:
     return True
 
 
-def agrees_with_reference(choice: tuple[str, str, str]) -> bool:
-    """True when ``(engine, precision, device)`` is recorded in :data:`AGREEMENT` as agreeing
-    with onnxruntime fp32 on the CPU at Dice >= :data:`MIN_AGREEMENT_DICE` per structure."""
-    dice = AGREEMENT.get(tuple(choice))
-    return dice is not None and dice >= MIN_AGREEMENT_DICE
-
-
 def available_engines() -> list[tuple[str, str, str]]:
-    """The ``(engine, precision, device)`` choices that can run in this process, fastest first.
-
-    The order is the preference of ``resolve_engine("auto", ...)``: onnxruntime on CUDA, then
-    OpenVINO bf16 (only where the CPU has bf16 hardware), OpenVINO fp32, onnxruntime fp32, then
-    DeepSparse (never picked automatically; it is listed when installed).
+    """The ``(engine, precision, device)`` choices that can run in this process from the ONNX
+    models: onnxruntime on CUDA, OpenVINO bf16 (only where the CPU has bf16 hardware), OpenVINO
+    fp32, onnxruntime fp32, then DeepSparse when installed. An explicit engine without a
+    precision gets the first of its entries. (OpenVINO int8 runs the models' int8 versions; see
+    :mod:`hsf_bids.engines.plan`.)
     """
     from hsf_bids.engines.deepsparse import deepsparse_available
     from hsf_bids.engines.onnxruntime import cuda_available
@@ -172,26 +151,19 @@ def available_engines() -> list[tuple[str, str, str]]:
 
 
 def resolve_engine(
-    engine: str = "auto",
-    device: str = "cpu",
-    precision: str | None = None,
-    *,
-    models: Sequence[str | Path] = (),
-    mem_gb: float | None = None,
+    engine: str = "auto", device: str = "cpu", precision: str | None = None
 ) -> tuple[str, str, str]:
     """Turn a requested engine/device/precision into the ``(engine, precision, device)`` to run.
 
-    ``auto`` picks the first entry of :func:`available_engines` for the device (and precision,
-    if given) that :func:`agrees_with_reference`, so never DeepSparse nor a combination whose
-    agreement is unmeasured or below the threshold; onnxruntime fp32 on CUDA is picked when the
-    user asks for ``--device cuda`` (their choice of device, the same precision). On the CPU,
-    with ``models`` and a memory budget ``mem_gb`` (``--mem-gb``), ``auto`` passes over an
-    engine whose :func:`estimated_memory_gb` exceeds it (OpenVINO holds about twice what
-    onnxruntime does for an ensemble); when none fits, the smallest is used. A CUDA request
-    without a usable CUDA provider falls back to the CPU with a logged warning (for ``auto`` and
-    ``onnxruntime``). An explicit engine or precision that cannot run here raises
-    :class:`EngineUnavailableError` naming what is missing; an unknown name raises
-    :class:`UnknownEngineError`.
+    An explicit engine is checked against what runs here: one that cannot raises
+    :class:`EngineUnavailableError` naming what is missing (bf16 on a CPU without bf16 hardware,
+    where OpenVINO would silently run fp32, included); an unknown name raises
+    :class:`UnknownEngineError`. Without a precision an engine gets its fastest here. ``auto``
+    gives onnxruntime fp32 on the requested device (the reference: a faster choice for the CPU
+    is made per model, through the agreement gate, by
+    :func:`~hsf_bids.engines.plan.plan_models`). A CUDA request without a usable CUDA provider
+    falls back to the CPU with a logged warning (for ``auto`` and ``onnxruntime``). int8 is not
+    resolved here: it needs the models' int8 versions (see the plan).
     """
     _check_names(engine, device, precision, allow_auto=True)
     choices = available_engines()
@@ -205,33 +177,17 @@ def resolve_engine(
             device = "cpu"
 
     if engine == "auto":
-        skipped, candidates = [], []
-        for choice in choices:
-            if choice[0] == "deepsparse" or choice[2] != device:
-                continue
-            if precision is not None and choice[1] != precision:
-                continue
-            # --device cuda is the user's own choice of device, and fp32 there runs the same
-            # graph in the same precision: only a shortcut the user did not ask for is gated.
-            asked_for = choice[2] == "cuda" and choice[1] == "fp32"
-            if not asked_for and not agrees_with_reference(choice):
-                skipped.append("/".join(choice))
-                continue
-            candidates.append(choice)
-        if not candidates:
+        if precision in (None, "fp32", "int8"):
+            return ("onnxruntime", "fp32", device)
+        if device == "cpu" and ("openvino", precision, "cpu") in choices:
+            return ("openvino", precision, "cpu")
+        if precision == "bf16" and _openvino_available():
+            engine = "openvino"  # explains below why bf16 cannot run here
+        else:
             raise EngineUnavailableError(
                 f"no engine runs precision {precision!r} on {device} here; available: "
                 + ", ".join("/".join(c) for c in choices)
             )
-        if skipped:
-            log.info(
-                "engine auto: skipped %s (no recorded agreement with onnxruntime fp32 at "
-                "Dice >= %s; ask for it explicitly to use it)", ", ".join(skipped),
-                MIN_AGREEMENT_DICE,
-            )  # fmt: skip
-        if mem_gb is None or not models or device != "cpu":
-            return candidates[0]
-        return _within_memory(candidates, models, mem_gb)
 
     if engine == "openvino" and not _openvino_available():
         raise EngineUnavailableError("engine 'openvino' is not installed (pip install openvino)")
@@ -267,28 +223,6 @@ def resolve_engine(
         f"engine {engine!r} cannot run precision {precision!r} on {device} here; "
         f"it offers {', '.join(supported) or 'nothing'}"
     )
-
-
-def _within_memory(
-    candidates: list[tuple[str, str, str]], models: Sequence[str | Path], mem_gb: float
-) -> tuple[str, str, str]:
-    """The first candidate whose estimated memory fits ``mem_gb``, else the smallest."""
-    need = {c: estimated_memory_gb(c[0], models) for c in candidates}
-    for choice in candidates:
-        if need[choice] <= mem_gb:
-            if choice != candidates[0]:
-                log.info(
-                    "engine auto: %s would need about %.1f GB for these %d model(s), more than "
-                    "--mem-gb %g; using %s (about %.1f GB)", "/".join(candidates[0]),
-                    need[candidates[0]], len(models), mem_gb, "/".join(choice), need[choice],
-                )  # fmt: skip
-            return choice
-    smallest = min(candidates, key=need.__getitem__)
-    log.warning(
-        "engine auto: no engine fits --mem-gb %g with these %d model(s); using %s, the "
-        "smallest (about %.1f GB)", mem_gb, len(models), "/".join(smallest), need[smallest],
-    )  # fmt: skip
-    return smallest
 
 
 def open_session(

@@ -1,4 +1,7 @@
-"""OpenVINO engine (CPU): fp32, or bf16 on CPUs with AMX / AVX512-BF16.
+"""OpenVINO engine (CPU): fp32, bf16 on CPUs with AMX / AVX512-BF16, and int8.
+
+int8 runs a model quantised by :mod:`hsf_bids.quantize` (an OpenVINO ``.xml``/``.bin`` pair whose
+convolutions carry int8 weights and quantise their inputs); the rest of its graph runs in f32.
 
 What OpenVINO does when bf16 is asked for on a CPU without bf16 hardware (measured with OpenVINO
 2026.4 on an AVX2-only AMD EPYC): no error and no emulation; the CPU plugin silently compiles the
@@ -32,7 +35,7 @@ log = logging.getLogger(__name__)
 
 ENGINE = "openvino"
 # hsf_bids precision names -> OpenVINO INFERENCE_PRECISION_HINT values, and back.
-_HINTS = {"fp32": "f32", "bf16": "bf16"}
+_HINTS = {"fp32": "f32", "bf16": "bf16", "int8": "f32"}
 _FROM_OV = {"f32": "fp32", "bf16": "bf16", "f16": "fp16"}
 
 _core_lock = threading.Lock()
@@ -80,6 +83,11 @@ class OpenVinoSession:
             raise EngineUnavailableError(
                 f"openvino precision must be one of {sorted(_HINTS)}, not {requested!r}"
             )
+        if (requested == "int8") != (self.path.suffix == ".xml"):
+            raise EngineUnavailableError(
+                f"{self.path.name}: openvino runs int8 from a quantised model (.xml, written by "
+                "hsf-bids-models quantize) and fp32/bf16 from the ONNX model"
+            )
         if device != "cpu":
             raise EngineUnavailableError(
                 f"hsf_bids runs openvino on the CPU only, not {device!r}; "
@@ -110,7 +118,7 @@ class OpenVinoSession:
 
         hint = self._compiled.get_property("INFERENCE_PRECISION_HINT")
         actual = hint.get_type_name() if hasattr(hint, "get_type_name") else str(hint)
-        self.precision = _FROM_OV.get(actual, actual)
+        self.precision = "int8" if requested == "int8" else _FROM_OV.get(actual, actual)
         if self.precision != requested:
             log.warning(
                 "%s: %s requested but this CPU (OpenVINO capabilities %s) runs %s",

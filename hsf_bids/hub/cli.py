@@ -1,4 +1,5 @@
-"""``hsf-bids-models``: list, fetch and verify the model files of presets and hub files.
+"""``hsf-bids-models``: list, fetch and verify the model files of presets and hub files; make
+their int8 versions (``quantize``) and measure the agreement gate (``check``).
 
 Exit codes: 0 success; 1 a checksum mismatch (or, for ``verify`` of one preset, a missing file);
 64 usage error (bad option, unknown preset); 65 invalid hub file; 66 hub file or one of its local
@@ -63,12 +64,18 @@ def build_parser() -> argparse.ArgumentParser:
             "65 invalid hub file, 66 hub file missing, 74 network or I/O error."
         ),
     )
-    sub = parser.add_subparsers(dest="command", metavar="{list,fetch,verify}", parser_class=_Parser)
+    sub = parser.add_subparsers(
+        dest="command", metavar="{list,fetch,verify,quantize,check}", parser_class=_Parser
+    )
     sub.required = True
     helps = {
         "list": "show presets, their model files, checksums and cache state (no network)",
         "fetch": "download the missing or corrupt model files",
         "verify": "re-hash the cached model files",
+        "quantize": "write int8 versions of the models (OpenVINO, NNCF post-training "
+        "quantisation on the template's hippocampus crops) and measure their agreement",
+        "check": "measure each engine and precision against onnxruntime fp32 on the fused "
+        "labels (the gate of engine auto), on the template's crops or on your images",
     }
     for name, help_text in helps.items():
         cmd = sub.add_parser(name, help=help_text, description=help_text)
@@ -82,6 +89,30 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "fetch":
             cmd.add_argument(
                 "--no-progress", action="store_true", help="no progress bar (default: on a TTY)"
+            )
+        if name in ("quantize", "check"):
+            cmd.add_argument(
+                "--threads", type=int, metavar="N", help="CPU threads (default: all available)"
+            )
+            cmd.add_argument(
+                "--offline", action="store_true", help="never download a missing model file"
+            )
+        if name == "quantize":
+            cmd.add_argument(
+                "--force", action="store_true", help="quantise again even when up to date"
+            )
+            cmd.add_argument(
+                "--no-check", action="store_true", help="do not measure the agreement gate"
+            )
+        if name == "check":
+            cmd.add_argument(
+                "--images", nargs="+", type=Path, metavar="NIFTI",
+                help="measure on both hippocampi of these images (localised as the participant "
+                "level does; contrast from the BIDS suffix _T1w/_T2w) instead of the template's "
+                "crops; such results are printed, not cached",
+            )  # fmt: skip
+            cmd.add_argument(
+                "--precision", choices=("fp32", "bf16", "int8"), help="only this precision"
             )
         if name != "list":
             cmd.epilog = (
@@ -179,6 +210,98 @@ def _cmd_verify(args: argparse.Namespace, models_dir: Path) -> int:
     return EXIT_OK
 
 
+def _threads(args: argparse.Namespace) -> int | None:
+    if args.threads is not None and args.threads < 1:
+        raise _UsageError(f"{PROG}: error: --threads must be >= 1")
+    return args.threads
+
+
+def _dice_text(per: dict) -> str:
+    return ", ".join(f"{k} {'-' if v is None else f'{v:.4f}'}" for k, v in per.items())
+
+
+def _print_measurements(measurements, plan_choices=None) -> None:  # noqa: ANN001
+    from hsf_bids.engines.agreement import GATE_DICE
+
+    for measurement in measurements:
+        for agreement in measurement.agreements.values():
+            verdict = "passes" if agreement.passed else "FAILS"
+            print(
+                f"  {agreement.model}  {agreement.choice:<22} lowest Dice {agreement.min_dice:.4f}"
+                f"  {verdict} (gate {GATE_DICE})  {agreement.seconds_per_pass:.3f} s/pass "
+                f"(onnxruntime fp32 {agreement.reference_seconds_per_pass:.3f})"
+            )
+            for contrast, per in agreement.dice.items():
+                print(f"      {contrast}: {_dice_text(per)}")
+
+
+def _cmd_quantize(args: argparse.Namespace, models_dir: Path) -> int:
+    from hsf_bids.engines.plan import measure_models
+    from hsf_bids.quantize import find_int8, quantize_model
+
+    threads = _threads(args)
+    for preset in _selected(args, default_all=False):
+        paths = ensure_models(preset, models_dir, offline=args.offline)
+        folder = models_dir / preset.subfolder
+        checksums = [m.xxh3_64 for m in preset.models]
+        print(f"{preset.name}: int8 versions in {folder / 'int8'}")
+        for path, xxh in zip(paths, checksums, strict=True):
+            existing = None if args.force else find_int8(folder, path.name, xxh)
+            if existing is not None:
+                print(f"  {path.name}: up to date ({existing.xml.name}, {existing.xxh3_64})")
+                continue
+            made = quantize_model(path, folder, xxh)
+            size = made.bin.stat().st_size / 1e6
+            print(f"  {path.name}: wrote {made.xml.name} + {made.bin.name} ({size:.1f} MB)")
+        if not args.no_check:
+            print(f"{preset.name}: agreement of int8 with onnxruntime fp32 (fused labels)")
+            _print_measurements(
+                measure_models(paths, checksums, folder, threads=threads, precision="int8")
+            )
+    return EXIT_OK
+
+
+def _cmd_check(args: argparse.Namespace, models_dir: Path) -> int:
+    from hsf_bids.engines.agreement import ensemble_dice
+    from hsf_bids.engines.plan import REFERENCE, measure_models
+
+    threads = _threads(args)
+    crops = None
+    if args.images:
+        from hsf_bids.calibration import image_crops
+
+        contrasts = []
+        for path in args.images:
+            found = [c for c in ("T1w", "T2w") if path.name.split(".")[0].endswith(f"_{c}")]
+            if not found:
+                raise _UsageError(
+                    f"{PROG}: error: {path}: the file name must end with _T1w or _T2w"
+                )
+            contrasts.append(found[0])
+        crops = image_crops(args.images, contrasts)
+    for preset in _selected(args, default_all=False):
+        paths = ensure_models(preset, models_dir, offline=args.offline)
+        folder = models_dir / preset.subfolder
+        checksums = [m.xxh3_64 for m in preset.models]
+        where = "your images" if crops else "the template's hippocampus crops"
+        print(f"{preset.name}: agreement with onnxruntime fp32 on {where} (fused labels)")
+        measurements = measure_models(
+            paths, checksums, folder, crops=crops, threads=threads, precision=args.precision
+        )
+        _print_measurements(measurements)
+        if measurements and len(measurements) == len(paths):
+            best = []
+            for m in measurements:
+                passing = [a for a in m.agreements.values() if a.passed
+                           and a.seconds_per_pass < a.reference_seconds_per_pass]  # fmt: skip
+                fastest = min(passing, key=lambda a: a.seconds_per_pass, default=None)
+                best.append(fastest.choice if fastest else "/".join(REFERENCE))
+            print(f"  engine auto would run: {', '.join(best)}")
+            for contrast, per in ensemble_dice(measurements, best).items():
+                print(f"  ensemble (fused labels), {contrast}: {_dice_text(per)}")
+    return EXIT_OK
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command; returns the exit code (see the module docstring)."""
     try:
@@ -186,7 +309,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except _UsageError as exc:
         print(exc, file=sys.stderr)
         return EXIT_USAGE
-    commands = {"list": _cmd_list, "fetch": _cmd_fetch, "verify": _cmd_verify}
+    commands = {
+        "list": _cmd_list,
+        "fetch": _cmd_fetch,
+        "verify": _cmd_verify,
+        "quantize": _cmd_quantize,
+        "check": _cmd_check,
+    }
     try:
         models_dir = resolve_models_dir(args.models_dir)
         return commands[args.command](args, models_dir)
@@ -204,8 +333,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         code, message = EXIT_IOERR, str(exc)
     except OSError as exc:
         code, message = EXIT_IOERR, f"{exc.filename or ''}: {exc.strerror or exc}".lstrip(": ")
+    except _UsageError as exc:
+        print(exc, file=sys.stderr)
+        return EXIT_USAGE
     except KeyboardInterrupt:
         code, message = 130, "interrupted"
+    except Exception as exc:  # noqa: BLE001 - engines, NNCF, images: one line, no traceback
+        from hsf_bids.engines import EngineError
+        from hsf_bids.image import InvalidImageError
+        from hsf_bids.quantize import QuantizeUnavailableError
+
+        if not isinstance(exc, EngineError | InvalidImageError | QuantizeUnavailableError):
+            raise
+        code, message = (EXIT_DATAERR if isinstance(exc, InvalidImageError) else EXIT_USAGE,
+                         str(exc))  # fmt: skip
     print(f"{PROG}: error: {message}", file=sys.stderr)
     return code
 

@@ -222,9 +222,10 @@ def resolve_preset(preset: str | None = None, hub: Path | str | None = None) -> 
 def hub_subfolder(path: Path) -> str:
     """Models subfolder of a hub file without a version: ``hub-<stem>-<8 hex of its path>``.
 
-    The path hash keeps two hub files with the same name from sharing (and fighting over) a folder.
+    The path hash (of the resolved path: one folder per file, however it is named) keeps two hub
+    files with the same name from sharing (and fighting over) a folder.
     """
-    digest = hashlib.sha256(str(path.absolute()).encode()).hexdigest()[:8]
+    digest = hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:8]
     stem = re.sub(r"[^A-Za-z0-9._-]", "_", path.stem).lstrip(".") or "hub"
     return f"hub-{stem}-{digest}"
 

@@ -74,11 +74,15 @@ class _SegmentSideInput(BaseInterfaceInputSpec):
     in_files = traits.List(File(exists=True), minlen=1, mandatory=True)
     localisation = File(exists=True, mandatory=True)
     side = traits.Enum("right", "left", mandatory=True)
-    models = traits.List(traits.Str, minlen=1, mandatory=True, desc="verified model files")
-    checksums = traits.List(
-        traits.Str, mandatory=True, desc="the models' XXH3-64, so a changed model reruns"
+    models = traits.List(
+        traits.Str, minlen=1, mandatory=True, desc="verified files the engines read, one a model"
     )
-    engine = traits.List(traits.Str, minlen=3, maxlen=3, desc="(engine, precision, device)")
+    checksums = traits.List(
+        traits.Str, mandatory=True, desc="those files' XXH3-64, so a changed model reruns"
+    )
+    engines = traits.List(
+        traits.Str, minlen=1, mandatory=True, desc="engine/precision/device of each model"
+    )
     threads = traits.Int(1, usedefault=True)
     ca_mode = traits.Str(mandatory=True)
     fusion = traits.Enum("vote", "mean", mandatory=True)
@@ -107,7 +111,7 @@ class SegmentSide(SimpleInterface):
             i.side,
             runtime.cwd,
             models=i.models,
-            engine=i.engine,
+            engines=i.engines,
             threads=i.threads,
             ca_mode=i.ca_mode,
             fusion=i.fusion,

@@ -6,7 +6,6 @@ import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from itertools import groupby
-from pathlib import Path
 from typing import Any
 
 from nipype.interfaces import utility as niu
@@ -37,9 +36,9 @@ OTHER_MEM_GB = 1.0
 class Segmentation:
     """What every image of a run is segmented with (resolved once, before the workflow)."""
 
-    models: tuple[str, ...]
-    checksums: tuple[str, ...]
-    engine: tuple[str, str, str]  # (engine, precision, device)
+    models: tuple[str, ...]  # the file each model's engine reads (ONNX, or its int8 version)
+    checksums: tuple[str, ...]  # their XXH3-64
+    engines: tuple[str, ...]  # each model's engine/precision/device
     ca_mode: str
     fusion: str
     seed: int
@@ -51,11 +50,9 @@ class Segmentation:
     provenance: dict[str, Any]
 
 
-def segmentation_settings(
-    config: RunConfig, preset, model_paths: Sequence[Path], engine: tuple[str, str, str]
-) -> Segmentation:  # noqa: ANN001 - hub Preset
-    """Combine the run settings, the preset and the resolved engine; also the provenance block
-    that every sidecar carries."""
+def segmentation_settings(config: RunConfig, preset, plan) -> Segmentation:  # noqa: ANN001
+    """Combine the run settings, the preset (a hub ``Preset``) and the inference plan (a
+    :class:`hsf_bids.engines.plan.Plan`); also the provenance block that every sidecar carries."""
     ca_mode = preset.ca_mode if config.ca_mode is None else config.ca_mode
     provenance = {
         "Software": {"Name": "hsf_bids", "Version": __version__},
@@ -65,20 +62,25 @@ def segmentation_settings(
             "Source": str(preset.source),
         },
         "Models": [
-            {"File": m.name, "URL": m.url, "XXH3_64": m.xxh3_64} for m in preset.models
+            {"File": m.name, "URL": m.url, "XXH3_64": m.xxh3_64, **run.provenance()}
+            for m, run in zip(preset.models, plan.runs, strict=True)
         ],
         "CaMode": ca_mode,
         "Fusion": config.fusion,
         "TestTimeAugmentation": preset.test_time_augmentation,
         "NumAugmentations": preset.test_time_num_aug if preset.test_time_augmentation else 0,
-        "Engine": dict(zip(("Name", "Precision", "Device"), engine, strict=True)),
+        "Engine": plan.summary(),
         "Seed": config.seed,
         "Template": "MNI152NLin2009cSym res-1 (TemplateFlow), CerebrA hippocampus labels",
     }
+    if plan.ensemble_dice is not None:
+        provenance["EnsembleAgreement"] = {
+            "Reference": "onnxruntime/fp32/cpu", "Dice": plan.ensemble_dice,
+        }
     return Segmentation(
-        models=tuple(str(p) for p in model_paths),
-        checksums=tuple(m.xxh3_64 for m in preset.models),
-        engine=tuple(engine),
+        models=tuple(str(run.path) for run in plan.runs),
+        checksums=tuple(run.xxh3_64 for run in plan.runs),
+        engines=tuple(run.choice for run in plan.runs),
         ca_mode=ca_mode,
         fusion=config.fusion,
         seed=config.seed,
@@ -126,7 +128,7 @@ def init_image_wf(job: SegmentationJob, config: RunConfig, seg: Segmentation, na
         segment = pe.Node(
             SegmentSide(
                 side=side, models=list(seg.models), checksums=list(seg.checksums),
-                engine=list(seg.engine), threads=seg.threads, ca_mode=seg.ca_mode,
+                engines=list(seg.engines), threads=seg.threads, ca_mode=seg.ca_mode,
                 fusion=seg.fusion, seed=seg.seed,
                 test_time_augmentation=seg.test_time_augmentation,
                 num_augmentations=seg.num_augmentations, batch_size=seg.batch_size,
