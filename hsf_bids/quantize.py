@@ -112,6 +112,17 @@ def _nncf():  # noqa: ANN202 - the nncf module
     return nncf
 
 
+def _stable_names(model) -> None:  # noqa: ANN001 - openvino.Model
+    """Name every node after its kind and place in the graph. OpenVINO names the nodes it
+    creates from a process-wide counter (``Constant_42339``, and NNCF derives names from those),
+    so without this the saved file would depend on what the process did before. Input and
+    output tensor names, which the contract uses, are not node names and stay."""
+    for index, op in enumerate(model.get_ordered_ops()):
+        kind = op.get_type_name()
+        if kind not in ("Parameter", "Result"):
+            op.set_friendly_name(f"{kind}_{index}")
+
+
 def quantize_model(
     onnx_path: Path, folder: Path, model_xxh3_64: str, *, crops: list | None = None
 ) -> Int8Model:
@@ -142,6 +153,7 @@ def quantize_model(
         if convolutions
         else None,
     )
+    _stable_names(quantized)
     xml, bin_, record_path = int8_paths(folder, onnx_path.name)
     xml.parent.mkdir(parents=True, exist_ok=True)
     staging = xml.parent / f".tmp-{os.getpid()}-{secrets.token_hex(4)}"

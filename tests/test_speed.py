@@ -1,4 +1,5 @@
-"""Speed work (issue 8): the agreement gate of ``--engine auto`` and the timing records.
+"""Speed work (issue 8): engine choice, the memory budget of ``--engine auto`` and the timing
+records (the agreement gate itself: test_gate.py).
 
 Real sessions of the demo models on a real ds-mini crop; no timing is asserted (the machine is
 shared), only that the records exist and add up.
@@ -14,14 +15,10 @@ import numpy as np
 import pytest
 
 from hsf_bids import engines, stages, timing
-from hsf_bids.engines import (
-    AGREEMENT,
-    MIN_AGREEMENT_DICE,
-    agrees_with_reference,
-    available_engines,
-    get_session,
-    resolve_engine,
-)
+from hsf_bids.engines import available_engines, get_session, resolve_engine
+from hsf_bids.engines.agreement import GATE_DICE
+from hsf_bids.engines.plan import plan_models
+from hsf_bids.hub import xxh3_64_file
 from hsf_bids.image import load_anat, to_ras
 from hsf_bids.segment import segment_crop
 
@@ -48,65 +45,54 @@ def _dice(a: np.ndarray, b: np.ndarray, label: int) -> float:
     return 1.0 if total == 0 else 2.0 * int((x & y).sum()) / total
 
 
-def test_auto_never_picks_a_combination_without_recorded_agreement(monkeypatch):
+def test_auto_on_a_gpu_and_explicit_requests_run_what_was_asked(monkeypatch):
     every = [
         ("onnxruntime", "fp32", "cuda"),
         ("openvino", "bf16", "cpu"),
         ("openvino", "fp32", "cpu"),
         ("onnxruntime", "fp32", "cpu"),
     ]
-    # As on a machine with CUDA and a bf16 CPU, where both would come first.
+    # As on a machine with CUDA and a bf16 CPU.
     monkeypatch.setattr(engines, "available_engines", lambda: list(every))
-    choice = resolve_engine("auto", "cpu")
-    assert agrees_with_reference(choice)
-    assert choice == ("openvino", "fp32", "cpu")  # not bf16: its agreement is not recorded
     # --device cuda is the user's choice of device: fp32 on the GPU, not a silent CPU run.
     assert resolve_engine("auto", "cuda") == ("onnxruntime", "fp32", "cuda")
-    # Marked as disagreeing: auto moves on to the next agreeing one.
-    monkeypatch.setitem(AGREEMENT, ("openvino", "fp32", "cpu"), 0.9)
+    # auto without models to measure takes no shortcut: the reference.
     assert resolve_engine("auto", "cpu") == ("onnxruntime", "fp32", "cpu")
-    # Explicit requests still run what was asked for.
+    # Explicit requests run what was asked for.
     assert resolve_engine("openvino", "cpu", "bf16") == ("openvino", "bf16", "cpu")
     assert resolve_engine("onnxruntime", "cuda") == ("onnxruntime", "fp32", "cuda")
 
 
-def test_auto_keeps_within_the_memory_budget(demo_models, caplog):
-    """With --mem-gb, auto passes over OpenVINO when its estimate for the ensemble is over the
-    budget, and takes the smallest engine (with a warning) when nothing fits."""
-    assert resolve_engine("auto", "cpu") == ("openvino", "fp32", "cpu")
-    ov = engines.estimated_memory_gb("openvino", demo_models)
-    ort = engines.estimated_memory_gb("onnxruntime", demo_models)
+def test_auto_keeps_within_the_memory_budget(demo_models, templateflow_home, tmp_path, caplog):
+    """With --mem-gb, auto runs in onnxruntime fp32 the models whose faster choice would take
+    the estimate over the budget; an explicit engine is the user's choice, whatever the budget."""
+    checksums = [xxh3_64_file(m) for m in demo_models]
+    free = plan_models(demo_models, checksums, tmp_path, threads=2)
+    assert all(r.engine == "openvino" for r in free.runs), free.describe()
+    ov = engines.estimated_memory_gb([(r.engine, r.precision, r.path) for r in free.runs])
+    ort = engines.estimated_memory_gb([("onnxruntime", "fp32", m) for m in demo_models])
     assert engines.RUN_BASE_GB < ort < ov
-    roomy = resolve_engine("auto", "cpu", models=demo_models, mem_gb=ov + 0.01)
-    assert roomy == ("openvino", "fp32", "cpu")
+    roomy = plan_models(demo_models, checksums, tmp_path, threads=2, mem_gb=ov + 0.01)
+    assert [r.choice for r in roomy.runs] == [r.choice for r in free.runs]
     with caplog.at_level("INFO", logger="hsf_bids.engines"):
-        tight = resolve_engine("auto", "cpu", models=demo_models, mem_gb=(ov + ort) / 2)
-    assert tight == ("onnxruntime", "fp32", "cpu")
+        tight = plan_models(demo_models, checksums, tmp_path, threads=2, mem_gb=(ov + ort) / 2)
+    assert any(r.choice == "onnxruntime/fp32/cpu" for r in tight.runs)
     assert "more than --mem-gb" in caplog.text
     caplog.clear()
     with caplog.at_level("WARNING", logger="hsf_bids.engines"):
-        hopeless = resolve_engine("auto", "cpu", models=demo_models, mem_gb=0.1)
-    assert hopeless == ("onnxruntime", "fp32", "cpu")
-    assert "no engine fits --mem-gb 0.1" in caplog.text
-    # An explicit engine is the user's choice, whatever the budget.
-    assert resolve_engine("openvino", "cpu", models=demo_models, mem_gb=0.1)[0] == "openvino"
-
-
-def test_every_auto_choice_here_is_recorded_as_agreeing():
-    for precision in (None, "fp32"):
-        assert agrees_with_reference(resolve_engine("auto", "cpu", precision))
-    for choice, dice in AGREEMENT.items():
-        assert agrees_with_reference(choice) == (dice is not None and dice >= MIN_AGREEMENT_DICE)
-    assert not agrees_with_reference(("deepsparse", "int8", "cpu"))  # never measured
-    assert ("onnxruntime", "fp32", "cpu") in available_engines()
+        hopeless = plan_models(demo_models, checksums, tmp_path, threads=2, mem_gb=0.1)
+    assert all(r.choice == "onnxruntime/fp32/cpu" for r in hopeless.runs)
+    assert "even in onnxruntime fp32" in caplog.text
+    explicit = plan_models(demo_models, checksums, tmp_path, engine="openvino", mem_gb=0.1)
+    assert all(r.engine == "openvino" for r in explicit.runs)
 
 
 @pytest.mark.parametrize("tta", [False, True], ids=["no_tta", "tta"])
 def test_openvino_fp32_agrees_with_onnxruntime_fp32_on_a_real_crop(demo_models, head_crops, tta):
-    """The measurement behind AGREEMENT's OpenVINO fp32 entry, on both sides of sub-04."""
+    """OpenVINO fp32 against onnxruntime fp32 on a subject's crops (both sides of sub-04), as
+    the gate measures it on the template's."""
     if ("openvino", "fp32", "cpu") not in available_engines():
         pytest.skip("OpenVINO is not installed")
-    assert agrees_with_reference(("openvino", "fp32", "cpu"))
     for side, item in head_crops.items():
         labels = {}
         for engine in ("onnxruntime", "openvino"):
@@ -119,7 +105,7 @@ def test_openvino_fp32_agrees_with_onnxruntime_fp32_on_a_real_crop(demo_models, 
         assert {1, 2, 4, 5} <= set(np.unique(ref).tolist()), side  # a real segmentation
         for label in range(1, 6):
             dice = _dice(ref, labels["openvino"], label)
-            assert dice >= MIN_AGREEMENT_DICE, (side, label, dice)
+            assert dice >= GATE_DICE, (side, label, dice)
 
 
 def test_segment_crop_times_its_phases(demo_models, head_crops):
@@ -141,7 +127,8 @@ def test_stages_write_timing_records(ds_mini, demo_models, head_crops, templatef
     for side in ("right", "left"):
         outputs[side] = stages.segment_side(
             [head], loc, side, folders[side], models=[str(m) for m in demo_models],
-            engine=["onnxruntime", "fp32", "cpu"], threads=2, ca_mode="1/2/3", fusion="vote",
+            engines=["onnxruntime/fp32/cpu"] * len(demo_models), threads=2, ca_mode="1/2/3",
+            fusion="vote",
             seed=42, test_time_augmentation=False, num_augmentations=0, batch_size=1,
         )  # fmt: skip
     dseg, unc = stages.paste_back_sides(

@@ -211,17 +211,20 @@ def run_participant(config: RunConfig) -> int:
         _say(f"error: {exc}")
         return _hub_exit_code(exc)
     try:
-        plan = _plan(config, preset, model_paths)
-    except (EngineError, ValueError) as exc:
-        _say(f"error: {exc}")
-        return ex.EX_USAGE
-    phases.lap("engine_plan")
-    try:
         _check_templates(jobs)
     except TemplateError as exc:
         _say(f"error: {exc}")
         return ex.EX_NOINPUT
     phases.lap("templates")
+    try:
+        plan = _plan(config, preset, model_paths)
+    except TemplateError as exc:  # the agreement gate's calibration crops need both templates
+        _say(f"error: {exc}")
+        return ex.EX_NOINPUT
+    except (EngineError, ValueError) as exc:
+        _say(f"error: {exc}")
+        return ex.EX_USAGE
+    phases.lap("engine_plan")
 
     from hsf_bids.outputs import DerivativesError, LutConflictError
 
