@@ -48,6 +48,14 @@ RUN hsf-bids-models fetch --preset bagging_accurate --no-progress \
         hsf-bids-models verify --preset "$preset" || exit 1; \
     done
 RUN python /src/docker/fetch_templates.py --home "$TEMPLATEFLOW_HOME"
+# int8 versions (OpenVINO, NNCF post-training quantisation on the template's hippocampus crops):
+# NNCF is installed in this stage only; an int8 version whose fused labels disagree with
+# onnxruntime fp32 (the gate of engine auto) on the build machine is not kept. At run time the
+# gate is measured again on the user's CPU (cached in $HOME/.cache when the image is read-only).
+RUN pip install --no-cache-dir "nncf>=2.14" \
+    && hsf-bids-models quantize --preset bagging_accurate --remove-failing --offline \
+    && hsf-bids-models quantize --preset single_accurate --remove-failing --offline \
+    && rm -rf "$HSF_BIDS_MODELS_DIR"/*/agreement
 
 # ---- what every runtime image shares -------------------------------------------------------
 FROM ${PYTHON_IMAGE} AS runtime

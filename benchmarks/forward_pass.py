@@ -103,23 +103,15 @@ def run_in_subprocess(spec: dict, timeout: float) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+ISA_REPORTED = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_int8", "amx_bf16")
+
+
 def machine_description(threads: int) -> list[str]:
     """Lines describing the CPU, memory and library versions."""
-    lines = []
-    model = platform.processor() or platform.machine()
-    flags: set[str] = set()
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
-        for line in out.splitlines():
-            key, _, value = line.partition(":")
-            if key.strip() == "Model name":
-                model = value.strip()
-            elif key.strip() == "Flags":
-                flags = set(value.split())
-    except (OSError, subprocess.CalledProcessError):
-        pass
-    isa = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile") if f in flags]
-    lines.append(f"- CPU: {model}; ISA: {', '.join(isa) or 'unknown'}")
+    from hsf_bids.engines.cpu import cpu_model, instruction_sets
+
+    lines = [f"- CPU: {cpu_model()}; instruction sets: {', '.join(instruction_sets()) or 'none'}"
+             f" (of {', '.join(ISA_REPORTED)})"]  # fmt: skip
     lines.append(
         f"- CPUs usable by this process: {len(os.sched_getaffinity(0))}; threads: {threads}"
     )

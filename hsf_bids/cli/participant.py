@@ -134,7 +134,7 @@ def _plan(config: RunConfig, preset, model_paths: list[Path]):  # noqa: ANN001, 
     plan = plan_models(
         model_paths, [m.xxh3_64 for m in preset.models], folder, engine=config.engine,
         device=config.device, precision=config.precision, threads=config.omp_nthreads,
-        mem_gb=config.mem_gb,
+        mem_gb=config.mem_gb, cache_dir=config.work_dir,
     )  # fmt: skip
     LOGGER.info("inference: %s", plan.describe())
     return plan

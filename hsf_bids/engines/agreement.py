@@ -13,9 +13,11 @@ a structure that neither labelling contains (the demo models never predict CA2) 
 The same passes time each choice (``seconds_per_pass``), so ``auto`` ranks choices by what they
 cost on this CPU, not by a fixed order (bf16 without AMX can be slower than fp32).
 
-Results are cached as JSON in the models folder (``<preset folder>/agreement/``), one file per
-model and choice, named after a key of the model's checksum, the file that runs (an int8 model's
-checksum), the engine and its version, the precision, the device, the CPU
+Results are cached as JSON in the models folder (``<preset folder>/agreement/``; where that is
+read-only, as in a container, in the per-user cache folder ``<user cache>/hsf_bids/agreement/
+<preset folder>/``), one file per model and choice, named after a key of the model's checksum,
+the file that runs (an int8 model's checksum), the engine and its version, the precision, the
+device, the CPU
 (:func:`~hsf_bids.engines.cpu.cpu_signature`) and the measurement's own settings: a new engine
 version, CPU or model is measured again; nothing else is.
 """
@@ -144,32 +146,62 @@ def _cache_file(folder: Path, model_name: str, choice: Choice, key: str) -> Path
     return folder / f"{stem}.{choice.engine}-{choice.precision}-{choice.device}.{key}.json"
 
 
+def cache_folders(folder: Path, fallback: Path | None = None) -> list[Path]:
+    """Where measurements for a preset folder are cached, in order of preference: its
+    ``agreement/`` folder, one in the per-user cache folder, then ``fallback`` (the run's work
+    folder: a read-only container still has that one)."""
+    import platformdirs
+
+    folder = Path(folder)
+    user = Path(platformdirs.user_cache_dir("hsf_bids")) / "agreement" / folder.name
+    folders = [folder / "agreement", user]
+    if fallback is not None:
+        folders.append(Path(fallback) / "agreement" / folder.name)
+    return folders
+
+
 def load_cached(
-    folder: Path, model_name: str, model_xxh3_64: str, choice: Choice, run_file_xxh3_64: str
+    folder: Path,
+    model_name: str,
+    model_xxh3_64: str,
+    choice: Choice,
+    run_file_xxh3_64: str,
+    fallback: Path | None = None,
 ) -> Agreement | None:
-    """The cached measurement for exactly this model, choice, engine version and CPU, if any."""
+    """The cached measurement for exactly this model, choice, engine version and CPU, if any
+    (``folder``: the preset's folder in the models folder; ``fallback``: see
+    :func:`cache_folders`)."""
     key = cache_key(model_xxh3_64, choice, run_file_xxh3_64)
-    path = _cache_file(folder, model_name, choice, key)
-    try:
-        data = json.loads(path.read_text())
-        agreement = Agreement(**data)
-    except (OSError, ValueError, TypeError):
-        return None
-    return agreement if agreement.key == key else None
+    for base in cache_folders(folder, fallback):
+        try:
+            data = json.loads(_cache_file(base, model_name, choice, key).read_text())
+            agreement = Agreement(**data)
+        except (OSError, ValueError, TypeError):
+            continue
+        if agreement.key == key:
+            return agreement
+    return None
 
 
-def store(folder: Path, agreement: Agreement) -> Path | None:
-    """Cache ``agreement`` in ``folder`` (atomically); None (logged) when it cannot be written,
-    e.g. a read-only models folder in a container: the run goes on with the measurement."""
+def store(folder: Path, agreement: Agreement, fallback: Path | None = None) -> Path | None:
+    """Cache ``agreement`` (atomically) for the preset folder ``folder``; None, with a warning,
+    when no cache folder can be written: the run goes on, and measures again next time."""
     from hsf_bids.outputs.derivatives import OutputWriteError, write_json
 
     choice_stub = Choice(*agreement.choice.split("/"), path=Path(agreement.run_file))
-    path = _cache_file(folder, agreement.model, choice_stub, agreement.key)
-    try:
-        return write_json(agreement.to_dict(), path)
-    except OutputWriteError as exc:
-        log.info("agreement not cached (%s); it will be measured again next time", exc)
-        return None
+    problems = []
+    for base in cache_folders(folder, fallback):
+        try:
+            return write_json(
+                agreement.to_dict(), _cache_file(base, agreement.model, choice_stub, agreement.key)
+            )
+        except OutputWriteError as exc:
+            problems.append(str(exc))
+    log.warning(
+        "agreement of %s %s not cached (no writable cache folder: %s); it will be measured "
+        "again by the next run", agreement.model, agreement.choice, "; ".join(problems),
+    )  # fmt: skip
+    return None
 
 
 def dice_per_structure(

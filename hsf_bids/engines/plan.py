@@ -52,7 +52,9 @@ class ModelRun:
         return f"{self.engine}/{self.precision}/{self.device}"
 
     def provenance(self) -> dict[str, Any]:
-        """This model's entry in the sidecars' provenance."""
+        """This model's entry in the sidecars' provenance: what ran, and the measurement that let
+        it (no timings: the same run gives the same sidecars whether it measured or read the
+        cache)."""
         entry: dict[str, Any] = {
             "Engine": self.engine,
             "Precision": self.precision,
@@ -67,8 +69,6 @@ class ModelRun:
                 "Gate": GATE_DICE,
                 "MinDice": a.min_dice,
                 "Dice": a.dice,
-                "SecondsPerPass": a.seconds_per_pass,
-                "ReferenceSecondsPerPass": a.reference_seconds_per_pass,
                 "EngineVersion": a.engine_version,
                 "CPU": a.cpu,
                 "Crops": a.crops,
@@ -82,7 +82,8 @@ class Plan:
     """The inference plan of a run: one :class:`ModelRun` per model, in preset order."""
 
     runs: tuple[ModelRun, ...]
-    ensemble_dice: dict[str, dict[str, float | None]] | None = None  # measured in this run
+    # Measured in this run (logged; not in the sidecars, which must not depend on the cache).
+    ensemble_dice: dict[str, dict[str, float | None]] | None = None
 
     def summary(self) -> dict[str, str]:
         """The ``Engine`` block of the provenance: engine, precision and device, each a list of
@@ -120,8 +121,8 @@ def _int8_choice(folder: Path, model: str, model_xxh3_64: str) -> tuple[Choice, 
 def _explicit(
     paths: Sequence[Path], checksums: Sequence[str], folder: Path, choice: tuple[str, str, str]
 ) -> Plan:
+    """Every model run as the user asked (no gate, so no agreement in the provenance)."""
     from hsf_bids.engines import EngineUnavailableError
-    from hsf_bids.engines.agreement import load_cached
 
     engine, precision, device = choice
     runs = []
@@ -135,11 +136,7 @@ def _explicit(
                     "with hsf-bids-models quantize (same --preset/--hub and --models-dir)"
                 )
             run_path, run_xxh = found[0].path, found[1]
-        cached = load_cached(
-            folder / "agreement", path.name, xxh, Choice(engine, precision, device, run_path),
-            run_xxh,
-        )  # fmt: skip
-        runs.append(ModelRun(path.name, xxh, run_path, run_xxh, engine, precision, device, cached))
+        runs.append(ModelRun(path.name, xxh, run_path, run_xxh, engine, precision, device))
     return Plan(tuple(runs))
 
 
@@ -169,9 +166,12 @@ class _Measurer:
     """Loads the reference and candidate sessions and the calibration crops once, on demand;
     caches what it measures on the template crops (never on a user's own crops)."""
 
-    def __init__(self, threads: int, folder: Path, crops: list | None = None) -> None:
+    def __init__(
+        self, threads: int, folder: Path, crops: list | None = None, fallback: Path | None = None
+    ) -> None:
         self.threads = threads
         self.folder = folder
+        self.fallback = fallback
         self._crops = crops
         self.cache = crops is None
         self.measurements: dict[str, Measurement] = {}
@@ -212,7 +212,7 @@ class _Measurer:
             previous.merge(measurement)
         for agreement in measurement.agreements.values():
             if self.cache:
-                store(self.folder / "agreement", agreement)
+                store(self.folder, agreement, self.fallback)
             log.info("agreement gate: %s", agreement.summary())
         log.info(
             "agreement gate: measured %s with %s in %.0f s", path.name,
@@ -231,10 +231,12 @@ def plan_models(
     precision: str | None = None,
     threads: int | None = None,
     mem_gb: float | None = None,
+    cache_dir: Path | None = None,
 ) -> Plan:
     """The inference plan for the models ``paths`` (checksums ``checksums``) of one preset whose
     models folder is ``folder`` (``<models folder>/<preset folder>``: int8 versions and cached
-    agreements live there).
+    agreements live there; ``cache_dir``, e.g. the work folder, keeps measurements where neither
+    the models folder nor the user's cache folder can be written).
 
     Raises :class:`~hsf_bids.engines.UnknownEngineError` for an unknown name and
     :class:`~hsf_bids.engines.EngineUnavailableError` for a choice that cannot run here
@@ -260,7 +262,7 @@ def plan_models(
             return _explicit(paths, checksums, folder, resolved)
         device = resolved[2]  # cuda asked for but not usable: the CPU, gated as usual
 
-    measurer = _Measurer(threads, folder)
+    measurer = _Measurer(threads, folder, fallback=cache_dir)
     ranking: dict[str, float] = {}  # choice name -> seconds per pass, from earlier models
     runs: list[ModelRun] = []
     for path, xxh in zip(paths, checksums, strict=True):
@@ -273,7 +275,7 @@ def plan_models(
         known: dict[str, Agreement] = {}
         missing: dict[Choice, str] = {}
         for choice, run_xxh in candidates.items():
-            cached = load_cached(folder / "agreement", path.name, xxh, choice, run_xxh)
+            cached = load_cached(folder, path.name, xxh, choice, run_xxh, cache_dir)
             if cached is None:
                 missing[choice] = run_xxh
             else:

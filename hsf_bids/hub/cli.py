@@ -104,6 +104,11 @@ def build_parser() -> argparse.ArgumentParser:
             cmd.add_argument(
                 "--no-check", action="store_true", help="do not measure the agreement gate"
             )
+            cmd.add_argument(
+                "--remove-failing", action="store_true",
+                help="remove the int8 version of a model whose int8 fails the gate here "
+                "(container builds keep only int8 versions that passed)",
+            )  # fmt: skip
         if name == "check":
             cmd.add_argument(
                 "--images", nargs="+", type=Path, metavar="NIFTI",
@@ -237,7 +242,7 @@ def _print_measurements(measurements, plan_choices=None) -> None:  # noqa: ANN00
 
 def _cmd_quantize(args: argparse.Namespace, models_dir: Path) -> int:
     from hsf_bids.engines.plan import measure_models
-    from hsf_bids.quantize import find_int8, quantize_model
+    from hsf_bids.quantize import find_int8, int8_paths, quantize_model
 
     threads = _threads(args)
     for preset in _selected(args, default_all=False):
@@ -253,11 +258,17 @@ def _cmd_quantize(args: argparse.Namespace, models_dir: Path) -> int:
             made = quantize_model(path, folder, xxh)
             size = made.bin.stat().st_size / 1e6
             print(f"  {path.name}: wrote {made.xml.name} + {made.bin.name} ({size:.1f} MB)")
-        if not args.no_check:
-            print(f"{preset.name}: agreement of int8 with onnxruntime fp32 (fused labels)")
-            _print_measurements(
-                measure_models(paths, checksums, folder, threads=threads, precision="int8")
-            )
+        if args.no_check:
+            continue
+        print(f"{preset.name}: agreement of int8 with onnxruntime fp32 (fused labels)")
+        measurements = measure_models(paths, checksums, folder, threads=threads, precision="int8")
+        _print_measurements(measurements)
+        for measurement in measurements:
+            failed = [a for a in measurement.agreements.values() if not a.passed]
+            for agreement in failed if args.remove_failing else []:
+                for path in int8_paths(folder, agreement.model):
+                    path.unlink(missing_ok=True)
+                print(f"  {agreement.model}: int8 version removed (fails the gate)")
     return EXIT_OK
 
 

@@ -211,12 +211,27 @@ def methods(
         else ""
     )
     version_text = f" {engine_version}" if engine_version else ""
+    gated = [m for m in models if m.get("Agreement")]  # models run in a gated faster choice
+    gate_text = ""
+    if gated:
+        lowest = min(m["Agreement"]["MinDice"] for m in gated)
+        int8 = any(m.get("Precision") == "int8" for m in gated)
+        gate_text = (
+            (" The int8 versions of the models were made with NNCF post-training quantisation "
+             "(calibrated on the template's hippocampus crops; first and last convolutions in "
+             "32-bit floating point)." if int8 else "")
+            + " Each model ran in a faster engine or precision only after its fused labels had "
+            "agreed with ONNX Runtime in 32-bit floating point at a Dice coefficient of at least "
+            f"{gated[0]['Agreement']['Gate']} for every subfield, on the template's hippocampus "
+            f"crops on the same CPU (lowest Dice {lowest:.3f})."
+        )  # fmt: skip
     p2 = (
         f"Segmentation used the {preset.get('Name', 'unnamed')} preset"
         + (f" (models {preset['ModelVersion']})" if preset.get("ModelVersion") else "")
         + f": {_plural(len(models), 'model')}, {model_list}, run with {engine_label}"
         f"{version_text} ({_c(engine_key, used)}) at {engine.get('Precision', 'fp32')} "
-        f"precision on the {str(engine.get('Device', 'cpu')).upper()}. {aug} All predictions were "
+        f"precision on the {str(engine.get('Device', 'cpu')).upper()}.{gate_text} {aug} All "
+        "predictions were "
         f"{fusion_text}.{multi} The uncertainty of each voxel is the entropy of the mean class "
         f"probability over all predictions. Subfields (CA mode '{provenance.get('CaMode', '')}') "
         "were pasted back onto the grid of the input image, and volumes counted as voxels "

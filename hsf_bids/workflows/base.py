@@ -73,10 +73,7 @@ def segmentation_settings(config: RunConfig, preset, plan) -> Segmentation:  # n
         "Seed": config.seed,
         "Template": "MNI152NLin2009cSym res-1 (TemplateFlow), CerebrA hippocampus labels",
     }
-    if plan.ensemble_dice is not None:
-        provenance["EnsembleAgreement"] = {
-            "Reference": "onnxruntime/fp32/cpu", "Dice": plan.ensemble_dice,
-        }
+
     return Segmentation(
         models=tuple(str(run.path) for run in plan.runs),
         checksums=tuple(run.xxh3_64 for run in plan.runs),
