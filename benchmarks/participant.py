@@ -485,6 +485,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true",
                         help="single_fast with auto and onnxruntime fp32, one run, no tables")
     parser.add_argument("--output", type=Path, help="also write the Markdown table here")
+    parser.add_argument("--prepare-only", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     args.models_dir = (args.models_dir or args.cache / "models").absolute()
     # Before templateflow is imported (the gate registers nothing, but reads the templates).
@@ -503,11 +504,19 @@ def main(argv: list[str] | None = None) -> int:
         else:
             configs.append((engine, precision, args.device))
 
+    if args.prepare_only:
+        print(json.dumps(prepare(args, configs)))
+        return 0
     root = args.work or Path(tempfile.mkdtemp(prefix="hsf_bench_runs_"))
     root.mkdir(parents=True, exist_ok=True)
     runs, forward, prepared, hsf = [], {}, {}, None
     if not args.agreement_only:
-        prepared = prepare(args, configs)
+        # In a child: a run's ru_maxrss starts from its parent's resident size at fork time
+        # (the exec'd process inherits it), so this process stays small until the runs are done.
+        cmd = [sys.executable, __file__, *(argv if argv is not None else sys.argv[1:]),
+               "--prepare-only"]  # fmt: skip
+        done = subprocess.run(cmd, check=True, stdout=subprocess.PIPE, text=True)
+        prepared = json.loads(done.stdout.strip().splitlines()[-1])
         for preset in args.presets:
             hub = make_hub(args.cache, preset)
             for engine in configs:

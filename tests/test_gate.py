@@ -9,11 +9,14 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
 import onnx
 import pytest
+from conftest import finish, hsf_bids
 from onnx import helper, numpy_helper
 
 from hsf_bids.engines import EngineUnavailableError, cpu_supports_bf16, open_session
@@ -238,3 +241,48 @@ def _input(item) -> np.ndarray:
 
     batch, _ = pad_to_multiple(zscore(item.crop)[None, None])
     return np.ascontiguousarray(batch, dtype=np.float32)
+
+
+@pytest.mark.slow
+def test_participant_auto_runs_int8_and_same_seed_gives_the_same_bytes(
+    ds_mini, fast_hub, templateflow_home, tmp_path
+):
+    """End to end: the int8 versions made by ``hsf-bids-models quantize``; ``auto`` runs them
+    (through the gate), says so in the sidecars and the report; two runs with one seed write
+    byte-identical images and equal sidecars."""
+    models = tmp_path / "models"
+    made = subprocess.run(
+        [sys.executable, "-m", "hsf_bids.hub.cli", "quantize", "--hub", str(fast_hub),
+         "--models-dir", str(models), "--threads", "2"],
+        capture_output=True, text=True, check=False,
+    )  # fmt: skip
+    assert made.returncode == 0, made.stderr
+    assert made.stdout.count("passes (gate 0.98)") == 3, made.stdout
+    outputs = []
+    for number in (1, 2):
+        out = tmp_path / f"out{number}"
+        proc = hsf_bids(ds_mini, out, "participant", "--participant-label", "04",
+                        "--session-label", "01", "--hub", fast_hub, "--models-dir", models,
+                        "-w", tmp_path / f"work{number}", "--seed", "5")  # fmt: skip
+        log = finish(proc)
+        assert proc.returncode == 0, log
+        outputs.append(out)
+    anat = Path("sub-04/ses-01/anat")
+    sidecar = json.loads(
+        (outputs[0] / anat / "sub-04_ses-01_space-T1w_desc-subfields_dseg.json").read_text()
+    )
+    provenance = sidecar["Provenance"]
+    assert provenance["Engine"] == {"Name": "openvino", "Precision": "int8", "Device": "cpu"}
+    for model in provenance["Models"]:
+        assert model["RunFile"].endswith(".xml")
+        assert model["Agreement"]["MinDice"] >= GATE_DICE
+    report = (outputs[0] / "sub-04.html").read_text()
+    assert "openvino int8" in report and "lowest Dice" in report
+    citation = (outputs[0] / "CITATION.md").read_text()
+    assert "NNCF post-training quantisation" in citation
+    for path in sorted((outputs[0] / anat).iterdir()):
+        other = outputs[1] / anat / path.name
+        if path.suffix == ".json":
+            assert json.loads(path.read_text()) == json.loads(other.read_text()), path.name
+        elif path.name.endswith(".nii.gz"):
+            assert path.read_bytes() == other.read_bytes(), path.name

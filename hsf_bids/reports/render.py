@@ -16,6 +16,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+import jinja2
 import nibabel as nib
 import numpy as np
 from jinja2 import Environment, PackageLoader, StrictUndefined
@@ -291,7 +292,9 @@ def write_subject_report(
             expected=list(expected) if expected else None,
         )  # fmt: skip
         html = render_subject(outputs)
-    except OutputsError as exc:
+    except (OutputsError, jinja2.TemplateError) as exc:
+        # A template error means a sidecar lacks what the report shows (e.g. written by another
+        # version): that subject has no report, the run goes on.
         raise ReportError(f"sub-{subject.removeprefix('sub-')}: no report: {exc}") from exc
     return write_text(html, report_path(output_dir, subject))
 
