@@ -64,21 +64,26 @@ REFERENCE = ("onnxruntime", "fp32", "cpu")
 
 # Peak resident memory of a participant run on the CPU: a base (libraries, images, localisation)
 # plus, per model, a multiple of the size of the file its engine reads, fitted on the runs of
-# benchmarks/participant.py (same-size ARUNets, 143 MiB fp32 or 37 MiB int8, on 48x56x56 crops,
-# with and without test-time augmentation; OpenVINO 2026.4.1 and onnxruntime 1.32.0; the
-# largest multiple kept). OpenVINO keeps repacked weights and per-shape buffers for each model
-# after its first run; onnxruntime gives its working memory back.
+# benchmarks/participant.py (same-size ARUNets, 143 MiB fp32 files, on 48x56x56 crops, with and
+# without test-time augmentation; OpenVINO 2026.4.1 and onnxruntime 1.32.0; the largest multiple
+# kept). OpenVINO keeps repacked weights and per-shape buffers for each model after its first
+# run (about 440 MiB per fp32 ARUNet, 250 MiB per int8 one whose weights file is 37 MiB);
+# onnxruntime gives its working memory back.
 RUN_BASE_GB = 0.7
 MEMORY_PER_MODEL_BYTE = {"openvino": 4.2, "onnxruntime": 1.8, "deepsparse": 4.2}
+MEMORY_PER_INT8_BYTE = 7.0
 
 
 def estimated_memory_gb(runs: Sequence[tuple[str, str, str | Path]]) -> float:
     """Rough peak memory (GiB) of a participant run of models each given as ``(engine,
     precision, file it reads)`` on the CPU."""
-    size = sum(
-        MEMORY_PER_MODEL_BYTE.get(engine, 4.2) * _model_bytes(Path(path))
-        for engine, _, path in runs
-    )
+    size = 0.0
+    for engine, precision, path in runs:
+        if precision == "int8":
+            factor = MEMORY_PER_INT8_BYTE
+        else:
+            factor = MEMORY_PER_MODEL_BYTE.get(engine, 4.2)
+        size += factor * _model_bytes(Path(path))
     return RUN_BASE_GB + size / 1024**3
 
 
