@@ -39,6 +39,8 @@ __all__ = [
     "DEVICES",
     "ENGINES",
     "PRECISIONS",
+    "REFERENCE",
+    "REFERENCE_CHOICE",
     "EngineError",
     "EngineUnavailableError",
     "InputShapeError",
@@ -60,7 +62,9 @@ ENGINES = ("onnxruntime", "openvino", "deepsparse")
 DEVICES = ("cpu", "cuda")
 PRECISIONS = ("fp32", "bf16", "int8")
 
+#: What every faster choice is measured against, and what ``auto`` falls back to.
 REFERENCE = ("onnxruntime", "fp32", "cpu")
+REFERENCE_CHOICE = "/".join(REFERENCE)
 
 # Peak resident memory of a participant run on the CPU: a base (libraries, images, localisation)
 # plus, per model, a multiple of the size of the file its engine reads, fitted on the runs of

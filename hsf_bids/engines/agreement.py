@@ -351,14 +351,14 @@ def ensemble_dice(
 ) -> dict[str, dict[str, float | None]]:
     """Dice per contrast and structure of the ensemble's fused labels (every model voting, model
     ``i`` with choice ``plan[i]``) against the same ensemble in onnxruntime fp32."""
+    from hsf_bids.engines import REFERENCE_CHOICE
+
     crops = measurements[0].crops
     reference, candidate = [], []
     for index, item in enumerate(crops):
         ref = sum(m.votes["reference"][index].astype(np.uint32) for m in measurements)
         cand = sum(
-            m.votes["reference" if name == "onnxruntime/fp32/cpu" else name][index].astype(
-                np.uint32
-            )
+            m.votes["reference" if name == REFERENCE_CHOICE else name][index].astype(np.uint32)
             for m, name in zip(measurements, plan, strict=True)
         )
         reference.append(_labels(ref, item.crop.shape))

@@ -25,13 +25,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from hsf_bids.engines import REFERENCE, REFERENCE_CHOICE
 from hsf_bids.engines.agreement import GATE_DICE, Agreement, Choice, Measurement
 
-__all__ = ["REFERENCE", "ModelRun", "Plan", "measure_models", "plan_models"]
+__all__ = ["ModelRun", "Plan", "measure_models", "plan_models"]
 
 log = logging.getLogger(__name__)
 
-REFERENCE = ("onnxruntime", "fp32", "cpu")
 
 
 @dataclass(frozen=True)
@@ -65,7 +65,7 @@ class ModelRun:
         if self.agreement is not None:
             a = self.agreement
             entry["Agreement"] = {
-                "Reference": "/".join(REFERENCE),
+                "Reference": REFERENCE_CHOICE,
                 "Gate": GATE_DICE,
                 "MinDice": a.min_dice,
                 "Dice": a.dice,
@@ -297,7 +297,7 @@ def plan_models(
                 known.update(measurer.measure(path, xxh, missing))
         for name, agreement in known.items():
             ranking.setdefault(name, agreement.seconds_per_pass)
-            ranking.setdefault("/".join(REFERENCE), agreement.reference_seconds_per_pass)
+            ranking.setdefault(REFERENCE_CHOICE, agreement.reference_seconds_per_pass)
         best = _best(known, ranking)
         if best is None:
             failed = ", ".join(f"{a.choice} {a.min_dice:.4f}" for a in known.values())
@@ -314,10 +314,10 @@ def plan_models(
             ModelRun(path.name, xxh, choice.path, candidates[choice], choice.engine,
                      choice.precision, choice.device, agreement)
         )  # fmt: skip
-    plan = _within_memory(Plan(tuple(runs)), paths, checksums, folder, mem_gb)
+    plan = _within_memory(Plan(tuple(runs)), paths, checksums, mem_gb)
     measured = [measurer.measurements.get(p.name) for p in paths]
     if all(
-        m is not None and (r.choice == "/".join(REFERENCE) or r.choice in m.votes)
+        m is not None and (r.choice == REFERENCE_CHOICE or r.choice in m.votes)
         for m, r in zip(measured, plan.runs, strict=True)
     ):
         from hsf_bids.engines.agreement import ensemble_dice
@@ -330,7 +330,7 @@ def plan_models(
 
 def _best(known: dict[str, Agreement], ranking: dict[str, float]) -> str | None:
     """The fastest passing choice that is also faster than the reference."""
-    reference = ranking.get("/".join(REFERENCE), float("inf"))
+    reference = ranking.get(REFERENCE_CHOICE, float("inf"))
     passing = [
         (a.seconds_per_pass, name)
         for name, a in known.items()
@@ -343,7 +343,6 @@ def _within_memory(
     plan: Plan,
     paths: Sequence[Path],
     checksums: Sequence[str],
-    folder: Path,
     mem_gb: float | None,
 ) -> Plan:
     """With a budget (``--mem-gb``): when the plan's estimated peak is over it, run the models
@@ -358,7 +357,7 @@ def _within_memory(
         return estimated_memory_gb([(r.engine, r.precision, r.path) for r in items])
 
     while need(runs) > mem_gb:
-        heavy = [i for i, r in enumerate(runs) if r.choice != "/".join(REFERENCE)]
+        heavy = [i for i, r in enumerate(runs) if r.choice != REFERENCE_CHOICE]
         if not heavy:
             log.warning(
                 "engine auto: these %d model(s) need about %.1f GB, more than --mem-gb %g, "

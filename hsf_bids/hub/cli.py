@@ -273,8 +273,9 @@ def _cmd_quantize(args: argparse.Namespace, models_dir: Path) -> int:
 
 
 def _cmd_check(args: argparse.Namespace, models_dir: Path) -> int:
+    from hsf_bids.engines import REFERENCE_CHOICE
     from hsf_bids.engines.agreement import ensemble_dice
-    from hsf_bids.engines.plan import REFERENCE, measure_models
+    from hsf_bids.engines.plan import measure_models
 
     threads = _threads(args)
     crops = None
@@ -306,7 +307,7 @@ def _cmd_check(args: argparse.Namespace, models_dir: Path) -> int:
                 passing = [a for a in m.agreements.values() if a.passed
                            and a.seconds_per_pass < a.reference_seconds_per_pass]  # fmt: skip
                 fastest = min(passing, key=lambda a: a.seconds_per_pass, default=None)
-                best.append(fastest.choice if fastest else "/".join(REFERENCE))
+                best.append(fastest.choice if fastest else REFERENCE_CHOICE)
             print(f"  engine auto would run: {', '.join(best)}")
             for contrast, per in ensemble_dice(measurements, best).items():
                 print(f"  ensemble (fused labels), {contrast}: {_dice_text(per)}")
