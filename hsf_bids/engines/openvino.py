@@ -9,6 +9,11 @@ model in f32, and the compiled model's ``INFERENCE_PRECISION_HINT`` reads ``f32`
 makes that explicit: it logs a warning and the session's ``precision`` attribute is read back from
 the compiled model, so it always names the precision that runs.
 
+Compiled models are cached on disk (OpenVINO's ``CACHE_DIR``, in ``<user cache>/hsf_bids/openvino``
+when that can be written; OpenVINO keys each blob by the model, the settings, its own version and
+the CPU): a five-model ensemble of int8 ARUNets then loads in about 3 s instead of 16 (measured:
+3.3 -> 0.6 s per int8 model, 1.8 -> 0.25 s per fp32 one), with the same outputs.
+
 Shapes stay dynamic (one compiled model for every crop size). Compiling one static-shape model per
 crop size was measured as no faster on this CPU (demo U-Net and full-size ARUNet, 48x64x48) and
 costs a recompilation (about 1 s for the full ARUNet) per new size.
@@ -46,6 +51,22 @@ def _core():
     import openvino as ov
 
     return ov.Core()
+
+
+@functools.cache
+def compile_cache_dir() -> Path | None:
+    """Where compiled models are cached; None (no cache) where that folder cannot be written,
+    e.g. a read-only home in a container."""
+    import os
+
+    import platformdirs
+
+    folder = Path(platformdirs.user_cache_dir("hsf_bids")) / "openvino"
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError:
+        return None
+    return folder if os.access(folder, os.W_OK | os.X_OK) else None
 
 
 def cpu_capabilities() -> list[str]:
@@ -101,20 +122,23 @@ class OpenVinoSession:
             "INFERENCE_NUM_THREADS": self.threads,
             "PERFORMANCE_HINT": "LATENCY",
         }
+        cache = compile_cache_dir()
+        if cache is not None:
+            config["CACHE_DIR"] = str(cache)
         core = _core()
         try:
             with _core_lock:
-                model = core.read_model(str(self.path))
-                if len(model.inputs) != 1 or len(model.outputs) != 1:
-                    raise ModelLoadError(
-                        f"{self.path}: expected one input and one output, "
-                        f"found {len(model.inputs)} and {len(model.outputs)}"
-                    )
-                self._compiled = core.compile_model(model, "CPU", config)
-        except ModelLoadError:
-            raise
+                # From the path, so that a cached compilation is imported without reading the
+                # model at all.
+                self._compiled = core.compile_model(str(self.path), "CPU", config)
         except Exception as exc:  # OpenVINO raises plain RuntimeError with its own text
             raise ModelLoadError(f"openvino cannot load {self.path}: {exc}") from exc
+        inputs, outputs = self._compiled.inputs, self._compiled.outputs
+        if len(inputs) != 1 or len(outputs) != 1:
+            raise ModelLoadError(
+                f"{self.path}: expected one input and one output, "
+                f"found {len(inputs)} and {len(outputs)}"
+            )
 
         hint = self._compiled.get_property("INFERENCE_PRECISION_HINT")
         actual = hint.get_type_name() if hasattr(hint, "get_type_name") else str(hint)
