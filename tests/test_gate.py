@@ -183,6 +183,9 @@ def test_explicit_int8_needs_the_int8_versions(demo_models, tmp_path):
             plan_models([demo_models[0]], [xxh], tmp_path, engine=engine, precision="int8")
     with pytest.raises(EngineUnavailableError, match="int8 runs with engine openvino"):
         plan_models([demo_models[0]], [xxh], tmp_path, engine="onnxruntime", precision="int8")
+    with pytest.raises(EngineUnavailableError, match="int8 runs with engine openvino on the CPU"):
+        plan_models([demo_models[0]], [xxh], tmp_path, engine="auto", device="cuda",
+                    precision="int8")  # fmt: skip
 
 
 def test_int8_explicit_plan_and_session(quantized, calibration):

@@ -228,9 +228,12 @@ def resolve_engine(
             "use --precision fp32"
         )
     supported = sorted({c[1] for c in choices if c[0] == engine})
+    hint = ""
+    if precision == "int8":
+        hint = "; int8 runs with engine openvino (the models' int8 versions)"
     raise EngineUnavailableError(
         f"engine {engine!r} cannot run precision {precision!r} on {device} here; "
-        f"it offers {', '.join(supported) or 'nothing'}"
+        f"it offers {', '.join(supported) or 'nothing'}{hint}"
     )
 
 

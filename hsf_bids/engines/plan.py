@@ -118,23 +118,27 @@ def _int8_choice(folder: Path, model: str, model_xxh3_64: str) -> tuple[Choice, 
     return Choice("openvino", "int8", "cpu", found.xml), found.xxh3_64
 
 
+def _no_int8(path: Path, folder: Path) -> Exception:
+    from hsf_bids.engines import EngineUnavailableError
+
+    return EngineUnavailableError(
+        f"precision int8: {path.name} has no int8 version in {folder}; make one with "
+        "hsf-bids-models quantize (same --preset/--hub and --models-dir)"
+    )
+
+
 def _explicit(
     paths: Sequence[Path], checksums: Sequence[str], folder: Path, choice: tuple[str, str, str]
 ) -> Plan:
     """Every model run as the user asked (no gate, so no agreement in the provenance)."""
-    from hsf_bids.engines import EngineUnavailableError
-
     engine, precision, device = choice
     runs = []
     for path, xxh in zip(paths, checksums, strict=True):
         run_path, run_xxh = path, xxh
-        if precision == "int8":
+        if engine == "openvino" and precision == "int8":
             found = _int8_choice(folder, path.name, xxh)
             if found is None:
-                raise EngineUnavailableError(
-                    f"precision int8: {path.name} has no int8 version in {folder}; make one "
-                    "with hsf-bids-models quantize (same --preset/--hub and --models-dir)"
-                )
+                raise _no_int8(path, folder)
             run_path, run_xxh = found[0].path, found[1]
         runs.append(ModelRun(path.name, xxh, run_path, run_xxh, engine, precision, device))
     return Plan(tuple(runs))
@@ -248,8 +252,8 @@ def plan_models(
     paths = [Path(p) for p in paths]
     folder = Path(folder)
     threads = int(threads) if threads else default_threads()
-    if precision == "int8":
-        if engine not in ("auto", "openvino") or device != "cpu":
+    if precision == "int8" and engine in ("auto", "openvino"):
+        if device != "cpu":
             raise EngineUnavailableError(
                 "precision int8 runs with engine openvino on the CPU (the models' int8 versions)"
             )
@@ -268,10 +272,7 @@ def plan_models(
     for path, xxh in zip(paths, checksums, strict=True):
         candidates = candidate_choices(path, xxh, folder, precision)
         if precision == "int8" and not candidates:
-            raise EngineUnavailableError(
-                f"precision int8: {path.name} has no int8 version in {folder}; make one with "
-                "hsf-bids-models quantize (same --preset/--hub and --models-dir)"
-            )
+            raise _no_int8(path, folder)
         known: dict[str, Agreement] = {}
         missing: dict[Choice, str] = {}
         for choice, run_xxh in candidates.items():
