@@ -289,3 +289,37 @@ def test_participant_auto_runs_int8_and_same_seed_gives_the_same_bytes(
             assert json.loads(path.read_text()) == json.loads(other.read_text()), path.name
         elif path.name.endswith(".nii.gz"):
             assert path.read_bytes() == other.read_bytes(), path.name
+
+
+def test_check_command_measures_on_the_user_s_images(
+    demo_hub, ds_mini, templateflow_home, tmp_path
+):
+    """``hsf-bids-models check --images``: both hippocampi of a real head, every model, one line
+    per model and choice with its lowest Dice and verdict; printed, not cached."""
+    models_dir = tmp_path / "models"
+    head = ds_mini / "sub-02" / "anat" / "sub-02_T2w.nii.gz"
+    made = subprocess.run(
+        [sys.executable, "-m", "hsf_bids.hub.cli", "quantize", "--hub", str(demo_hub),
+         "--models-dir", str(models_dir), "--no-check"],
+        capture_output=True, text=True, check=False,
+    )  # fmt: skip
+    assert made.returncode == 0, made.stderr
+    done = subprocess.run(
+        [sys.executable, "-m", "hsf_bids.hub.cli", "check", "--hub", str(demo_hub),
+         "--models-dir", str(models_dir), "--images", str(head), "--precision", "int8",
+         "--threads", "2"],
+        capture_output=True, text=True, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    lines = [line for line in done.stdout.splitlines() if "openvino/int8/cpu  " in line]
+    assert len(lines) == 3, done.stdout
+    assert all("lowest Dice 0.9" in line and "(gate 0.98)" in line for line in lines)
+    assert "T2w: DG 0.9" in done.stdout and "ensemble (fused labels), T2w" in done.stdout
+    assert not list(models_dir.rglob("agreement/*.json"))  # the user's crops are not cached
+    bad = subprocess.run(
+        [sys.executable, "-m", "hsf_bids.hub.cli", "check", "--hub", str(demo_hub),
+         "--models-dir", str(models_dir), "--images", str(tmp_path / "head.nii.gz")],
+        capture_output=True, text=True, check=False,
+    )  # fmt: skip
+    assert bad.returncode == 64
+    assert "must end with _T1w or _T2w" in bad.stderr and "Traceback" not in bad.stderr

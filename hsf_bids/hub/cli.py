@@ -308,7 +308,7 @@ def _cmd_check(args: argparse.Namespace, models_dir: Path) -> int:
                            and a.seconds_per_pass < a.reference_seconds_per_pass]  # fmt: skip
                 fastest = min(passing, key=lambda a: a.seconds_per_pass, default=None)
                 best.append(fastest.choice if fastest else REFERENCE_CHOICE)
-            print(f"  engine auto would run: {', '.join(best)}")
+            print(f"  fastest passing choice per model on these crops: {', '.join(best)}")
             for contrast, per in ensemble_dice(measurements, best).items():
                 print(f"  ensemble (fused labels), {contrast}: {_dice_text(per)}")
     return EXIT_OK
