@@ -323,3 +323,29 @@ def test_check_command_measures_on_the_user_s_images(
     )  # fmt: skip
     assert bad.returncode == 64
     assert "must end with _T1w or _T2w" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_a_less_precise_choice_must_save_a_fifth_of_the_time(quantized):
+    """Choices of nearly equal speed do not flip with the machine's noise: bf16 that is 5 %
+    faster than OpenVINO fp32 is not taken; int8 at half its time is; a failing one never."""
+    from dataclasses import replace
+
+    from hsf_bids.engines.plan import MIN_SPEED_GAIN, auto_choice
+
+    model, folder, _ = quantized
+    (measurement,) = measure_models([model], [xxh3_64_file(model)], folder, threads=2)
+    template = next(iter(measurement.agreements.values()))
+
+    def made(choice: str, seconds: float, passed: bool = True):
+        return replace(template, choice=choice, seconds_per_pass=seconds, passed=passed,
+                       reference_seconds_per_pass=2.0)  # fmt: skip
+
+    known = {"openvino/fp32/cpu": made("openvino/fp32/cpu", 1.0),
+             "openvino/bf16/cpu": made("openvino/bf16/cpu", 0.95)}  # fmt: skip
+    assert auto_choice(known) == "openvino/fp32/cpu"
+    known["openvino/int8/cpu"] = made("openvino/int8/cpu", 0.5)
+    assert auto_choice(known) == "openvino/int8/cpu"
+    known["openvino/int8/cpu"] = made("openvino/int8/cpu", 0.5, passed=False)
+    assert auto_choice(known) == "openvino/fp32/cpu"
+    slow = {"openvino/fp32/cpu": made("openvino/fp32/cpu", 2.0 * (1 - MIN_SPEED_GAIN) + 0.01)}
+    assert auto_choice(slow) is None  # not enough faster than onnxruntime fp32 itself

@@ -3,13 +3,14 @@
 An explicit ``--engine``/``--precision`` runs every model that way (int8 needs the models' int8
 versions, written by ``hsf-bids-models quantize``). ``--engine auto`` on the CPU decides **per
 model**: among the choices that run here (onnxruntime fp32, the reference; OpenVINO fp32; OpenVINO
-bf16 where the CPU has bf16; OpenVINO int8 where the model has an int8 version) it takes the one
-with the shortest measured time per pass whose fused labels agree with the reference at
-Dice >= :data:`~hsf_bids.engines.agreement.GATE_DICE` for every structure and contrast
-(:mod:`hsf_bids.engines.agreement`). Measurements are cached in the models folder, so they are
-made once per model, engine version and CPU. A model whose faster versions all fail runs in
-onnxruntime fp32. ``--device cuda`` runs onnxruntime fp32 on the GPU (the user's choice of
-device, the same graph in the same precision: nothing to gate).
+bf16 where the CPU has bf16; OpenVINO int8 where the model has an int8 version) it keeps those
+whose fused labels agree with the reference at Dice >= :data:`~hsf_bids.engines.agreement.GATE_DICE`
+for every structure and contrast (:mod:`hsf_bids.engines.agreement`), and takes the fastest of
+them by measured time per pass, a less precise one only when it saves at least
+:data:`MIN_SPEED_GAIN` of the time (see :func:`auto_choice`). Measurements are cached in the
+models folder, so they are made once per model, engine version and CPU. A model whose faster
+versions all fail runs in onnxruntime fp32. ``--device cuda`` runs onnxruntime fp32 on the GPU
+(the user's choice of device, the same graph in the same precision: nothing to gate).
 
 Cost: the first model is measured with every choice (to rank them by speed on this CPU); each
 further model only with the choices that could beat the fastest passing one so far, fastest
@@ -28,7 +29,14 @@ from typing import Any
 from hsf_bids.engines import REFERENCE, REFERENCE_CHOICE
 from hsf_bids.engines.agreement import GATE_DICE, Agreement, Choice, Measurement
 
-__all__ = ["ModelRun", "Plan", "measure_models", "plan_models"]
+__all__ = [
+    "MIN_SPEED_GAIN",
+    "ModelRun",
+    "Plan",
+    "auto_choice",
+    "measure_models",
+    "plan_models",
+]
 
 log = logging.getLogger(__name__)
 
@@ -284,7 +292,7 @@ def plan_models(
         if missing:
             if ranking:
                 # Only what could beat the best passing choice so far, fastest first.
-                best = _best(known, ranking)
+                best = auto_choice(known, ranking)
                 limit = ranking.get(best, float("inf")) if best else float("inf")
                 order = sorted(missing, key=lambda c: ranking.get(c.name, 0.0))
                 for choice in order:
@@ -299,7 +307,7 @@ def plan_models(
         for name, agreement in known.items():
             ranking.setdefault(name, agreement.seconds_per_pass)
             ranking.setdefault(REFERENCE_CHOICE, agreement.reference_seconds_per_pass)
-        best = _best(known, ranking)
+        best = auto_choice(known, ranking)
         if best is None:
             failed = ", ".join(f"{a.choice} {a.min_dice:.4f}" for a in known.values())
             if failed:
@@ -329,15 +337,32 @@ def plan_models(
     return plan
 
 
-def _best(known: dict[str, Agreement], ranking: dict[str, float]) -> str | None:
-    """The fastest passing choice that is also faster than the reference."""
-    reference = ranking.get(REFERENCE_CHOICE, float("inf"))
-    passing = [
-        (a.seconds_per_pass, name)
-        for name, a in known.items()
-        if a.passed and a.seconds_per_pass < min(reference, a.reference_seconds_per_pass)
-    ]
-    return min(passing)[1] if passing else None
+# A less precise choice must save at least this share of the time of the more precise one it would
+# replace. Timings of one machine vary by several percent from run to run: without a margin two
+# choices of nearly equal speed (OpenVINO fp32 and bf16 without AMX) would be picked by chance,
+# and two runs with separate caches would write different outputs.
+MIN_SPEED_GAIN = 0.2
+_PRECISION_ORDER = ("fp32", "bf16", "int8")  # most precise first
+
+
+def auto_choice(
+    known: dict[str, Agreement], ranking: dict[str, float] | None = None
+) -> str | None:
+    """The choice ``auto`` takes among ``known`` measurements: starting from the reference, a
+    passing choice replaces the current one, in order of decreasing precision, when it takes at
+    most 1 - :data:`MIN_SPEED_GAIN` of the current one's time per pass. None: the reference."""
+    reference = min(
+        [(ranking or {}).get(REFERENCE_CHOICE, float("inf"))]
+        + [a.reference_seconds_per_pass for a in known.values()]
+    )
+    best, seconds = None, reference
+    def precision(item: tuple[str, Agreement]) -> int:
+        return _PRECISION_ORDER.index(item[1].choice.split("/")[1])
+
+    for name, agreement in sorted(known.items(), key=precision):
+        if agreement.passed and agreement.seconds_per_pass <= (1 - MIN_SPEED_GAIN) * seconds:
+            best, seconds = name, agreement.seconds_per_pass
+    return best
 
 
 def _within_memory(

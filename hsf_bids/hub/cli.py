@@ -275,7 +275,7 @@ def _cmd_quantize(args: argparse.Namespace, models_dir: Path) -> int:
 def _cmd_check(args: argparse.Namespace, models_dir: Path) -> int:
     from hsf_bids.engines import REFERENCE_CHOICE
     from hsf_bids.engines.agreement import ensemble_dice
-    from hsf_bids.engines.plan import measure_models
+    from hsf_bids.engines.plan import auto_choice, measure_models
 
     threads = _threads(args)
     crops = None
@@ -302,13 +302,8 @@ def _cmd_check(args: argparse.Namespace, models_dir: Path) -> int:
         )
         _print_measurements(measurements)
         if measurements and len(measurements) == len(paths):
-            best = []
-            for m in measurements:
-                passing = [a for a in m.agreements.values() if a.passed
-                           and a.seconds_per_pass < a.reference_seconds_per_pass]  # fmt: skip
-                fastest = min(passing, key=lambda a: a.seconds_per_pass, default=None)
-                best.append(fastest.choice if fastest else REFERENCE_CHOICE)
-            print(f"  fastest passing choice per model on these crops: {', '.join(best)}")
+            best = [auto_choice(m.agreements) or REFERENCE_CHOICE for m in measurements]
+            print(f"  engine auto's rule on these measurements: {', '.join(best)}")
             for contrast, per in ensemble_dice(measurements, best).items():
                 print(f"  ensemble (fused labels), {contrast}: {_dice_text(per)}")
     return EXIT_OK
