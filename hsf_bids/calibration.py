@@ -26,6 +26,7 @@ from hsf_bids.segment.preprocess import pad_to_multiple, zscore
 __all__ = [
     "CALIBRATION_SEED",
     "CalibrationCrop",
+    "augmentations",
     "calibration_batches",
     "image_crops",
     "template_crops",
