@@ -219,17 +219,9 @@ def dice_per_structure(
     return out
 
 
-def _votes(shape: tuple[int, ...]) -> np.ndarray:
-    return np.zeros((len(STRUCTURES) + 1, int(np.prod(shape))), dtype=np.uint16)
-
-
-def _vote(votes: np.ndarray, probs: np.ndarray) -> None:
-    flat = probs.reshape(probs.shape[0], -1)
-    votes[np.argmax(flat, axis=0), np.arange(flat.shape[1])] += 1
-
-
 def _labels(votes: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
-    # np.argmax keeps the first maximum: ties go to the lower label, as HSF's vote does.
+    """HSF's vote from vote counts ``[classes, x, y, z]`` (as ``FusionAccumulator.result``: the
+    first maximum, so ties go to the lower label); also for counts added over models."""
     return np.argmax(votes, axis=0).reshape(shape).astype(np.uint8)
 
 
@@ -271,6 +263,7 @@ def measure_agreement(
     """
     from hsf_bids.calibration import CALIBRATION_SEED, augmentations
     from hsf_bids.engines.cpu import cpu_signature
+    from hsf_bids.segment.fuse import N_MODEL_CLASSES, FusionAccumulator
     from hsf_bids.segment.preprocess import pad_to_multiple, unpad, zscore
 
     sessions = {c.name: s for c, (s, _) in candidates.items()}
@@ -283,7 +276,7 @@ def measure_agreement(
     passes = 0
     draws = augmentations(crops, n_augmentations, CALIBRATION_SEED if seed is None else seed)
     for item, augs in zip(crops, draws, strict=True):
-        counts = {name: _votes(item.crop.shape) for name in sessions}
+        fusion = {name: FusionAccumulator(item.crop.shape, N_MODEL_CLASSES) for name in sessions}
         for aug in [None, *augs]:
             image = item.crop if aug is None else aug.apply(item.crop)
             batch, pads = pad_to_multiple(zscore(image)[None, None])
@@ -295,10 +288,10 @@ def measure_agreement(
                 probs = unpad(probs, pads)[0]
                 if aug is not None:
                     probs = aug.invert(probs)
-                _vote(counts[name], probs)
+                fusion[name].add(probs)
             passes += 1
         for name in sessions:
-            votes[name].append(counts[name])
+            votes[name].append(fusion[name].vote_counts())
 
     if previous is not None:
         votes["reference"] = previous.votes["reference"]
