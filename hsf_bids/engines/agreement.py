@@ -10,8 +10,9 @@ vote, exactly as the participant level does (fewer augmentations, so it costs ab
 ARUNet-size model instead of the preset's 21 inputs). Dice is pooled over both sides per contrast;
 a structure that neither labelling contains (the demo models never predict CA2) is left out.
 
-The same passes time each choice (``seconds_per_pass``), so ``auto`` ranks choices by what they
-cost on this CPU, not by a fixed order (bf16 without AMX can be slower than fp32).
+The same passes time each choice (``seconds_per_pass``) for the log, ``hsf-bids-models check`` and
+the benchmarks; ``auto`` does not choose by these timings (they vary from run to run), but by the
+CPU's instruction sets (:func:`hsf_bids.engines.plan.auto_order`).
 
 Results are cached as JSON in the models folder (``<preset folder>/agreement/``; where that is
 read-only, as in a container, in the per-user cache folder ``<user cache>/hsf_bids/agreement/

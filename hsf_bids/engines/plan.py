@@ -2,19 +2,19 @@
 
 An explicit ``--engine``/``--precision`` runs every model that way (int8 needs the models' int8
 versions, written by ``hsf-bids-models quantize``). ``--engine auto`` on the CPU decides **per
-model**: among the choices that run here (onnxruntime fp32, the reference; OpenVINO fp32; OpenVINO
-bf16 where the CPU has bf16; OpenVINO int8 where the model has an int8 version) it keeps those
-whose fused labels agree with the reference at Dice >= :data:`~hsf_bids.engines.agreement.GATE_DICE`
-for every structure and contrast (:mod:`hsf_bids.engines.agreement`), and takes the fastest of
-them by measured time per pass, a less precise one only when it saves at least
-:data:`MIN_SPEED_GAIN` of the time (see :func:`auto_choice`). Measurements are cached in the
-models folder, so they are made once per model, engine version and CPU. A model whose faster
-versions all fail runs in onnxruntime fp32. ``--device cuda`` runs onnxruntime fp32 on the GPU
-(the user's choice of device, the same graph in the same precision: nothing to gate).
+model**: it tries the choices that run here, fastest first (:func:`auto_order`: OpenVINO int8 where
+the model has an int8 version, OpenVINO bf16 where this CPU's bf16 outruns its fp32, OpenVINO fp32),
+and takes the first whose fused labels agree with onnxruntime fp32 (the reference) at Dice >=
+:data:`~hsf_bids.engines.agreement.GATE_DICE` for every structure and contrast
+(:mod:`hsf_bids.engines.agreement`). A model whose faster choices all fail runs in onnxruntime
+fp32. ``--device cuda`` runs onnxruntime fp32 on the GPU (the user's choice of device, the same
+graph in the same precision: nothing to gate).
 
-Cost: the first model is measured with every choice (to rank them by speed on this CPU); each
-further model only with the choices that could beat the fastest passing one so far, fastest
-first, stopping at the first that passes.
+The order comes from the CPU's instruction sets, not from timing the choices in this process:
+timings vary from run to run, and a choice that followed them would make two runs on the same CPU
+with separate caches write different labels. The gate's passes are timed all the same, for the log
+and ``hsf-bids-models check``. Measurements are cached in the models folder, so they are made once
+per model, engine version and CPU; each model is measured only until a choice passes.
 """
 
 from __future__ import annotations
@@ -30,10 +30,10 @@ from hsf_bids.engines import REFERENCE, REFERENCE_CHOICE
 from hsf_bids.engines.agreement import GATE_DICE, Agreement, Choice, Measurement
 
 __all__ = [
-    "MIN_SPEED_GAIN",
     "ModelRun",
     "Plan",
     "auto_choice",
+    "auto_order",
     "measure_models",
     "plan_models",
 ]
@@ -275,39 +275,22 @@ def plan_models(
         device = resolved[2]  # cuda asked for but not usable: the CPU, gated as usual
 
     measurer = _Measurer(threads, folder, fallback=cache_dir)
-    ranking: dict[str, float] = {}  # choice name -> seconds per pass, from earlier models
     runs: list[ModelRun] = []
     for path, xxh in zip(paths, checksums, strict=True):
         candidates = candidate_choices(path, xxh, folder, precision)
         if precision == "int8" and not candidates:
             raise _no_int8(path, folder)
         known: dict[str, Agreement] = {}
-        missing: dict[Choice, str] = {}
-        for choice, run_xxh in candidates.items():
-            cached = load_cached(folder, path.name, xxh, choice, run_xxh, cache_dir)
+        for choice in sorted(candidates, key=lambda c: _rank(c.name, precision)):
+            if _rank(choice.name, precision) == len(_SPEED_ORDER):
+                continue  # slower than OpenVINO fp32 here: never worth its loss of precision
+            cached = load_cached(folder, path.name, xxh, choice, candidates[choice], cache_dir)
             if cached is None:
-                missing[choice] = run_xxh
-            else:
-                known[choice.name] = cached
-        if missing:
-            if ranking:
-                # Only what could beat the best passing choice so far, fastest first.
-                best = auto_choice(known, ranking)
-                limit = ranking.get(best, float("inf")) if best else float("inf")
-                order = sorted(missing, key=lambda c: ranking.get(c.name, 0.0))
-                for choice in order:
-                    if ranking.get(choice.name, 0.0) >= limit:
-                        break
-                    result = measurer.measure(path, xxh, {choice: missing[choice]})
-                    known.update(result)
-                    if result[choice.name].passed:
-                        break
-            else:
-                known.update(measurer.measure(path, xxh, missing))
-        for name, agreement in known.items():
-            ranking.setdefault(name, agreement.seconds_per_pass)
-            ranking.setdefault(REFERENCE_CHOICE, agreement.reference_seconds_per_pass)
-        best = auto_choice(known, ranking)
+                cached = measurer.measure(path, xxh, {choice: candidates[choice]})[choice.name]
+            known[choice.name] = cached
+            if cached.passed:
+                break
+        best = auto_choice(known, precision)
         if best is None:
             failed = ", ".join(f"{a.choice} {a.min_dice:.4f}" for a in known.values())
             if failed:
@@ -337,32 +320,32 @@ def plan_models(
     return plan
 
 
-# A less precise choice must save at least this share of the time of the more precise one it would
-# replace. Timings of one machine vary by several percent from run to run: without a margin two
-# choices of nearly equal speed (OpenVINO fp32 and bf16 without AMX) would be picked by chance,
-# and two runs with separate caches would write different outputs.
-MIN_SPEED_GAIN = 0.2
-_PRECISION_ORDER = ("fp32", "bf16", "int8")  # most precise first
+_SPEED_ORDER = ("openvino/int8/cpu", "openvino/bf16/cpu", "openvino/fp32/cpu")
 
 
-def auto_choice(
-    known: dict[str, Agreement], ranking: dict[str, float] | None = None
-) -> str | None:
-    """The choice ``auto`` takes among ``known`` measurements: starting from the reference, a
-    passing choice replaces the current one, in order of decreasing precision, when it takes at
-    most 1 - :data:`MIN_SPEED_GAIN` of the current one's time per pass. None: the reference."""
-    reference = min(
-        [(ranking or {}).get(REFERENCE_CHOICE, float("inf"))]
-        + [a.reference_seconds_per_pass for a in known.values()]
-    )
-    best, seconds = None, reference
-    def precision(item: tuple[str, Agreement]) -> int:
-        return _PRECISION_ORDER.index(item[1].choice.split("/")[1])
+def auto_order(precision: str | None = None) -> tuple[str, ...]:
+    """The choices ``auto`` tries on this CPU, fastest first: int8, then bf16 where it outruns
+    fp32 (:func:`~hsf_bids.engines.cpu.bf16_beats_fp32`; always when ``precision`` asks for it),
+    then OpenVINO fp32. OpenVINO fp32 runs the ARUNet in 0.63-0.73 of onnxruntime's time and int8
+    in 0.34-0.42 of fp32's on the two AVX-512 CPUs measured (README, Speed)."""
+    from hsf_bids.engines.cpu import bf16_beats_fp32
 
-    for name, agreement in sorted(known.items(), key=precision):
-        if agreement.passed and agreement.seconds_per_pass <= (1 - MIN_SPEED_GAIN) * seconds:
-            best, seconds = name, agreement.seconds_per_pass
-    return best
+    keep_bf16 = precision == "bf16" or bf16_beats_fp32()
+    return tuple(c for c in _SPEED_ORDER if keep_bf16 or c != "openvino/bf16/cpu")
+
+
+def _rank(name: str, precision: str | None) -> int:
+    order = auto_order(precision)
+    return order.index(name) if name in order else len(_SPEED_ORDER)
+
+
+def auto_choice(known: dict[str, Agreement], precision: str | None = None) -> str | None:
+    """The choice ``auto`` takes among the measurements ``known``: the first of
+    :func:`auto_order` that passed the gate. None: the reference, onnxruntime fp32."""
+    for name in auto_order(precision):
+        if name in known and known[name].passed:
+            return name
+    return None
 
 
 def _within_memory(
