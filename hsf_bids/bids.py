@@ -14,8 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from hsf_bids.config import CONTRASTS
 from hsf_bids.outputs.derivatives import Entities, EntitiesError
+from hsf_bids.vocabulary import CONTRASTS
 
 
 class BIDSQueryError(ValueError):

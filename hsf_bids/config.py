@@ -16,15 +16,11 @@ from pathlib import Path
 from typing import Any
 
 from hsf_bids import __version__
+from hsf_bids.hub.presets import DEFAULT_PRESET
+from hsf_bids.vocabulary import CONTRASTS, ENGINES
 
-CONTRASTS = ("T1w", "T2w")
-CONTRAST_CHOICES = ("T1w", "T2w", "both")
-FUSIONS = ("vote", "mean")
-ENGINES = ("auto", "onnxruntime", "openvino", "deepsparse")
-DEVICES = ("cpu", "cuda")
-PRECISIONS = ("fp32", "bf16", "int8")
-CA_MODES = ("1/2/3", "1/23", "123", "")
-DEFAULT_PRESET = "bagging_accurate"
+CONTRAST_CHOICES = (*CONTRASTS, "both")
+ENGINE_CHOICES = ("auto", *ENGINES)
 # Crops per forward pass by device. On the CPU a batch of 4 saved under 10 % per crop with
 # same-size ARUNets (OpenVINO fp32, 2 cores) but held about 1 GiB more working memory for a
 # five-model ensemble (measured); GPUs are usually faster with batches (not measured here).

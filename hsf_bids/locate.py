@@ -39,6 +39,7 @@ from scipy import ndimage
 
 from hsf_bids.image import image_name
 from hsf_bids.templates import HIPPOCAMPUS_LABELS, load_atlas, load_template
+from hsf_bids.vocabulary import SIDES
 
 __all__ = [
     "SIDES",
@@ -60,7 +61,6 @@ __all__ = [
 ]
 
 # Right first, as HSF processes it (the order is cosmetic).
-SIDES: tuple[str, str] = ("right", "left")
 DEFAULT_MARGIN: tuple[int, int, int] = (8, 8, 8)
 # HSF's margin for coronal thick-slice T2 (thin, thick, thin): the thin axes get 16, the thick 4.
 THICK_SLICE_MARGIN: tuple[int, int] = (16, 4)

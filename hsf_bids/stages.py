@@ -27,9 +27,10 @@ import numpy as np
 import pandas as pd
 
 from hsf_bids.image import from_ras, load_anat, to_ras
-from hsf_bids.locate import SIDES, Box, crop, locate, register_to, resample_to
+from hsf_bids.locate import Box, crop, locate, register_to, resample_to
 from hsf_bids.outputs.derivatives import write_json
 from hsf_bids.timing import StageTimer
+from hsf_bids.vocabulary import SIDES
 
 LOCALISATION_JSON = "localisation.json"
 
@@ -185,12 +186,12 @@ def paste_back_sides(
     """Assemble both sides into one bilateral label image and one uncertainty map on the exact
     grid (shape, voxel order, header) of ``in_file``.
 
-    Side labels become bilateral indices (:func:`hsf_bids.outputs.lut.bilateral_index`). Where
+    Side labels become bilateral indices (:func:`hsf_bids.vocabulary.bilateral_index`). Where
     two boxes overlap, a labelled voxel wins over background, and between two labels the less
     uncertain one wins.
     """
     from hsf_bids.outputs.derivatives import image_on_grid
-    from hsf_bids.outputs.lut import bilateral_index
+    from hsf_bids.vocabulary import bilateral_index
 
     timer = StageTimer("paste_back")
     source = nib.load(in_file)

@@ -15,9 +15,10 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
+from hsf_bids.vocabulary import CONTRASTS
+
 __all__ = [
     "TEMPLATE",
-    "CONTRASTS",
     "HIPPOCAMPUS_LABELS",
     "TemplateError",
     "templateflow_home",
@@ -28,7 +29,6 @@ __all__ = [
 ]
 
 TEMPLATE = "MNI152NLin2009cSym"
-CONTRASTS = ("T1w", "T2w")
 # CerebrA codes of the hippocampi in the symmetric 2009c template.
 HIPPOCAMPUS_LABELS: dict[str, int] = {"right": 48, "left": 99}
 

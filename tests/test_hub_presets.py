@@ -7,7 +7,6 @@ from pathlib import Path
 import pytest
 
 from hsf_bids.hub import (
-    CA_MODES,
     DEFAULT_LABELS,
     HubError,
     HubNotFoundError,
@@ -19,6 +18,7 @@ from hsf_bids.hub import (
     resolve_preset,
     xxh3_64_file,
 )
+from hsf_bids.vocabulary import CA_MODES
 
 HF = "https://huggingface.co/poiretclement/hsf/resolve/main/onnx/"
 # The published 4.0.0 models, as in the contract table (hsf-contract.md).

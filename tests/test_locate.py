@@ -18,6 +18,7 @@ from hsf_bids.templates import (
     load_template,
     template_path,
 )
+from hsf_bids.vocabulary import SIDES
 
 HEADS = {
     "sub-01_T1w": ("sub-01/anat/sub-01_T1w.nii.gz", "T1w"),
@@ -124,7 +125,7 @@ def test_reference_subfields_lie_in_the_boxes(heads, shared_dir: Path, session: 
 def test_two_grids_of_one_head_give_the_same_place(heads) -> None:
     a = heads["sub-04_ses-01_T1w"][3]
     b = heads["sub-04_ses-02_T1w"][3]
-    for side in L.SIDES:
+    for side in SIDES:
         assert np.linalg.norm(_box_centre_world(a, side) - _box_centre_world(b, side)) < 3.0
     assert a.qc["determinant"] == pytest.approx(b.qc["determinant"], rel=0.03)
 
@@ -149,7 +150,7 @@ def test_thin_slab_t2w_is_usable_with_another_seed(heads) -> None:
 def test_explicit_margin(heads) -> None:
     _, ras, _, loc = heads["sub-04_ses-01_T1w"]
     wide = L.assess(ras, "T1w", loc.template_to_subject, margin=(16, 4, 16))
-    for side in L.SIDES:
+    for side in SIDES:
         a, b = loc.boxes[side], wide.boxes[side]
         assert a.margin == (8, 8, 8) and b.margin == (16, 4, 16)
         assert b.label_start == a.label_start and b.label_stop == a.label_stop
@@ -213,7 +214,7 @@ def test_crop_then_paste_back_is_exact_in_every_storage(heads) -> None:
             # Another place in the world: take boxes for this grid through its own affine.
             tilt = variant.affine @ np.linalg.inv(_stored_variants(img)["LAS"].affine)
             boxes = L.assess(ras, "T1w", tilt @ loc.template_to_subject).boxes
-            for side in L.SIDES:
+            for side in SIDES:
                 assert boxes[side].start == loc.boxes[side].start, name
         else:
             boxes = loc.boxes
@@ -294,7 +295,7 @@ def test_head_cut_through_the_hippocampi_is_flagged(heads) -> None:
     with pytest.warns(RuntimeWarning, match="outside the field of view"):
         res = L.locate(partial, "T1w")
     assert res.doubtful
-    for side in L.SIDES:
+    for side in SIDES:
         b = res.boxes[side]
         assert 0.2 < b.fraction_outside < 0.8, (side, b.fraction_outside)
         assert b.start[2] == 0 and b.clipped
@@ -311,7 +312,7 @@ def test_t2w_registers_onto_the_t1w_of_the_same_head(heads) -> None:
     lin = moving_to_fixed[:3, :3]
     np.testing.assert_allclose(lin @ lin.T, np.eye(3), atol=1e-4)  # rigid by default
     # Two independent routes to the hippocampi agree: T2w boxes mapped onto the T1w.
-    for side in L.SIDES:
+    for side in SIDES:
         via_t2 = moving_to_fixed[:3, :3] @ _box_centre_world(loc_t2, side) + moving_to_fixed[:3, 3]
         assert np.linalg.norm(via_t2 - _box_centre_world(loc_t1, side)) < 5.0, side
     resampled = L.resample_to(t2, t1, moving_to_fixed)

@@ -37,16 +37,7 @@ from hsf_bids.outputs.derivatives import (
     write_nifti,
     write_segmentation,
 )
-from hsf_bids.outputs.lut import (
-    CA_MODES,
-    CaModeError,
-    LutConflictError,
-    bilateral_index,
-    lookup_table,
-    side_of_index,
-    structures,
-    write_lut,
-)
+from hsf_bids.outputs.lut import LutConflictError, lookup_table, write_lut
 from hsf_bids.outputs.volumes import (
     COLUMNS,
     TEMPLATE_BRAIN_MM3,
@@ -56,6 +47,13 @@ from hsf_bids.outputs.volumes import (
     template_brain_volume_mm3,
     voxel_volume_mm3,
     write_volumes,
+)
+from hsf_bids.vocabulary import (
+    CA_MODES,
+    CaModeError,
+    bilateral_index,
+    side_of_index,
+    structures,
 )
 
 EXPECTED_STRUCTURES = {

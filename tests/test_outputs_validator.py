@@ -28,8 +28,9 @@ from hsf_bids.outputs.derivatives import (
     write_segmentation,
     write_text,
 )
-from hsf_bids.outputs.lut import bilateral_index, structures, write_lut
+from hsf_bids.outputs.lut import write_lut
 from hsf_bids.outputs.volumes import compute_volumes, estimate_icv_mm3, write_volumes
+from hsf_bids.vocabulary import bilateral_index, structures
 
 CA_MODE = "1/2/3"
 SOURCES = {

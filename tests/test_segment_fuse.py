@@ -7,15 +7,8 @@ import tracemalloc
 import numpy as np
 import pytest
 
-from hsf_bids.segment import (
-    FusionAccumulator,
-    UnknownCaModeError,
-    UnknownFusionError,
-    entropy,
-    label_names,
-    merge_ca,
-    n_classes,
-)
+from hsf_bids.segment import FusionAccumulator, UnknownFusionError, entropy, merge_ca, n_classes
+from hsf_bids.vocabulary import CaModeError, label_names
 
 
 def _random_probs(rng: np.random.Generator, shape: tuple[int, ...], axis: int = 0) -> np.ndarray:
@@ -59,10 +52,10 @@ def test_merge_ca_on_batches_matches_per_item():
 
 def test_label_names_and_unknown_modes():
     assert label_names("1/2/3") == ("background", "DG", "CA1", "CA2", "CA3", "SUB")
-    assert label_names("1/23") == ("background", "DG", "CA1", "CA2+CA3", "SUB")
-    assert label_names("123") == ("background", "DG", "CA1+CA2+CA3", "SUB")
-    assert label_names("") == ("background", "hippocampus")
-    with pytest.raises(UnknownCaModeError, match="'1/3'"):
+    assert label_names("1/23") == ("background", "DG", "CA1", "CA23", "SUB")
+    assert label_names("123") == ("background", "DG", "CA", "SUB")
+    assert label_names("") == ("background", "HC")
+    with pytest.raises(CaModeError, match="'1/3'"):
         merge_ca(np.zeros((6, 1, 1, 1)), "1/3")
     with pytest.raises(ValueError, match="6 model channels"):
         merge_ca(np.zeros((5, 1, 1, 1)), "123")

@@ -9,15 +9,8 @@ from typing import NoReturn
 
 from hsf_bids import __version__
 from hsf_bids.cli.exit_codes import EX_USAGE
-from hsf_bids.config import (
-    CA_MODES,
-    CONTRAST_CHOICES,
-    DEFAULT_PRESET,
-    DEVICES,
-    ENGINES,
-    FUSIONS,
-    PRECISIONS,
-)
+from hsf_bids.config import CONTRAST_CHOICES, DEFAULT_PRESET, ENGINE_CHOICES
+from hsf_bids.vocabulary import CA_MODES, DEVICES, FUSIONS, PRECISIONS
 
 
 class _Parser(argparse.ArgumentParser):
@@ -139,7 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     g.add_argument(
         "--engine",
-        choices=ENGINES,
+        choices=ENGINE_CHOICES,
         default="auto",
         help="inference engine; auto picks, per model, the fastest engine and precision whose "
         "fused labels agree with onnxruntime fp32 (Dice >= 0.98 per structure, measured once "

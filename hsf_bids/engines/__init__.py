@@ -34,11 +34,9 @@ from hsf_bids.engines.base import (
     check_model_file,
     default_threads,
 )
+from hsf_bids.vocabulary import DEVICES, ENGINES, PRECISIONS
 
 __all__ = [
-    "DEVICES",
-    "ENGINES",
-    "PRECISIONS",
     "REFERENCE",
     "REFERENCE_CHOICE",
     "EngineError",
@@ -58,9 +56,6 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-ENGINES = ("onnxruntime", "openvino", "deepsparse")
-DEVICES = ("cpu", "cuda")
-PRECISIONS = ("fp32", "bf16", "int8")
 
 #: What every faster choice is measured against, and what ``auto`` falls back to.
 REFERENCE = ("onnxruntime", "fp32", "cpu")

@@ -264,8 +264,9 @@ def measure_agreement(
     """
     from hsf_bids.calibration import CALIBRATION_SEED, augmentations
     from hsf_bids.engines.cpu import cpu_signature
-    from hsf_bids.segment.fuse import N_MODEL_CLASSES, FusionAccumulator
+    from hsf_bids.segment.fuse import FusionAccumulator
     from hsf_bids.segment.preprocess import pad_to_multiple, unpad, zscore
+    from hsf_bids.vocabulary import N_MODEL_CLASSES
 
     sessions = {c.name: s for c, (s, _) in candidates.items()}
     if previous is None:

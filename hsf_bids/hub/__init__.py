@@ -26,7 +26,6 @@ from hsf_bids.hub.download import (
     xxh3_64_file,
 )
 from hsf_bids.hub.presets import (
-    CA_MODES,
     DEFAULT_LABELS,
     DEFAULT_MARGINS,
     DEFAULT_PRESET,
@@ -45,7 +44,6 @@ from hsf_bids.hub.presets import (
 )
 
 __all__ = [
-    "CA_MODES",
     "DEFAULT_LABELS",
     "DEFAULT_MARGINS",
     "DEFAULT_PRESET",

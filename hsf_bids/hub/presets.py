@@ -40,8 +40,9 @@ from urllib.parse import unquote, urlsplit
 
 import yaml
 
+from hsf_bids.vocabulary import CA_MODES
+
 __all__ = [
-    "CA_MODES",
     "DEFAULT_LABELS",
     "DEFAULT_MARGINS",
     "DEFAULT_PRESET",
@@ -60,7 +61,6 @@ __all__ = [
 ]
 
 DEFAULT_PRESET = "bagging_accurate"
-CA_MODES = ("1/2/3", "1/23", "123", "")
 
 _CHECKSUM = re.compile(r"[0-9a-f]{16}")
 # A version or stem becomes a folder name: keep it to characters that are safe everywhere.

@@ -21,14 +21,7 @@ from hsf_bids.outputs.derivatives import (
     write_dataset_description,
     write_segmentation,
 )
-from hsf_bids.outputs.lut import (
-    CaModeError,
-    LutConflictError,
-    bilateral_index,
-    lookup_table,
-    structures,
-    write_lut,
-)
+from hsf_bids.outputs.lut import LutConflictError, lookup_table, write_lut
 from hsf_bids.outputs.volumes import (
     LabelsError,
     compute_volumes,
@@ -37,7 +30,6 @@ from hsf_bids.outputs.volumes import (
 )
 
 __all__ = [
-    "CaModeError",
     "DerivativesError",
     "Entities",
     "EntitiesError",
@@ -47,13 +39,11 @@ __all__ = [
     "LutConflictError",
     "OutputWriteError",
     "bids_uri",
-    "bilateral_index",
     "compute_volumes",
     "dseg_path",
     "estimate_icv_mm3",
     "lookup_table",
     "lut_path",
-    "structures",
     "uncertainty_path",
     "volumes_path",
     "write_bidsignore",

@@ -1,87 +1,24 @@
-"""Hippocampal subfield labels: the structures of a ``ca_mode``, bilateral indices, colours.
-
-The models output channels ``0 background, 1 DG, 2 CA1, 3 CA2, 4 CA3, 5 SUB``; ``ca_mode``
-merges CA channels before the vote. Outputs hold both sides in one image: left keeps the model
-label, right adds :data:`RIGHT_OFFSET` (:func:`bilateral_index` is the only place of that rule).
+"""The look-up table (``dseg.tsv``) of the bilateral label images: the names and colours of the
+structures of a ``ca_mode`` on each side (:mod:`hsf_bids.vocabulary` defines structures, sides
+and indices).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from os import PathLike
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 
 from hsf_bids.outputs.derivatives import write_tsv
+from hsf_bids.vocabulary import SIDES_BY_INDEX, WHOLE_HIPPOCAMPUS, bilateral_index, structures
 
-__all__ = [
-    "CA_MODES",
-    "RIGHT_OFFSET",
-    "SIDES",
-    "CaModeError",
-    "LutConflictError",
-    "Structure",
-    "bilateral_index",
-    "lookup_table",
-    "side_of_index",
-    "structures",
-    "write_lut",
-]
-
-SIDES: tuple[str, str] = ("left", "right")
-RIGHT_OFFSET = 10
-CA_MODES: tuple[str, ...] = ("1/2/3", "1/23", "123", "")
-
-# Model output channels (the HSF contract), used by ca_mode merges.
-_DG, _CA1, _CA2, _CA3, _SUB = 1, 2, 3, 4, 5
-
-
-class CaModeError(ValueError):
-    """A ``ca_mode`` that is not one of :data:`CA_MODES`."""
+__all__ = ["LutConflictError", "lookup_table", "write_lut"]
 
 
 class LutConflictError(RuntimeError):
     """An existing look-up table describes other labels than the one being written."""
 
-
-@dataclass(frozen=True)
-class Structure:
-    """One output structure of a ``ca_mode``.
-
-    ``label`` is the single-side label in the fused segmentation, ``channels`` the model output
-    channels whose probabilities are summed into it, ``abbreviation`` the short name used in tables
-    and file entities (letters and digits only), ``name`` the full name without side.
-    """
-
-    label: int
-    abbreviation: str
-    name: str
-    channels: tuple[int, ...]
-
-
-_STRUCTURES: dict[str, tuple[Structure, ...]] = {
-    "1/2/3": (
-        Structure(1, "DG", "dentate gyrus", (_DG,)),
-        Structure(2, "CA1", "CA1", (_CA1,)),
-        Structure(3, "CA2", "CA2", (_CA2,)),
-        Structure(4, "CA3", "CA3", (_CA3,)),
-        Structure(5, "SUB", "subiculum", (_SUB,)),
-    ),
-    "1/23": (
-        Structure(1, "DG", "dentate gyrus", (_DG,)),
-        Structure(2, "CA1", "CA1", (_CA1,)),
-        Structure(3, "CA23", "CA2 and CA3", (_CA2, _CA3)),
-        Structure(4, "SUB", "subiculum", (_SUB,)),
-    ),
-    "123": (
-        Structure(1, "DG", "dentate gyrus", (_DG,)),
-        Structure(2, "CA", "CA1, CA2 and CA3", (_CA1, _CA2, _CA3)),
-        Structure(3, "SUB", "subiculum", (_SUB,)),
-    ),
-    "": (Structure(1, "HC", "hippocampus", (_DG, _CA1, _CA2, _CA3, _SUB)),),
-}
 
 # Okabe & Ito's colour-blind-safe palette; neighbouring subfields get far-apart hues. Merged
 # structures keep the colour of their largest member so figures stay comparable across ca_modes.
@@ -93,60 +30,10 @@ _LEFT_COLOURS: dict[str, str] = {
     "CA23": "#cc79a7",
     "CA": "#e69f00",
     "SUB": "#f0e442",  # yellow
-    "HC": "#d55e00",  # vermillion
+    WHOLE_HIPPOCAMPUS: "#d55e00",  # vermillion
 }
 # The right side is the same hue, darker, so sides differ without looking like other structures.
 _RIGHT_SHADE = 0.72
-
-
-def _check_ca_mode(ca_mode: str) -> str:
-    if not isinstance(ca_mode, str) or ca_mode not in _STRUCTURES:
-        raise CaModeError(
-            f"unknown ca_mode {ca_mode!r}: expected one of " + ", ".join(repr(m) for m in CA_MODES)
-        )
-    return ca_mode
-
-
-def structures(ca_mode: str) -> list[Structure]:
-    """The structures (without background) that ``ca_mode`` produces, in label order."""
-    return list(_STRUCTURES[_check_ca_mode(ca_mode)])
-
-
-def _check_side(side: str) -> str:
-    if side not in SIDES:
-        raise ValueError(f"side must be 'left' or 'right', not {side!r}")
-    return side
-
-
-def bilateral_index(side: str, label: int | np.ndarray) -> int | np.ndarray:
-    """Index of a single-side ``label`` in the bilateral image: left = label, right = label + 10.
-
-    Background (0) stays 0 on both sides. ``label`` may be an int or an integer array (a one-side
-    segmentation); the result has the same form.
-    """
-    _check_side(side)
-    if isinstance(label, np.ndarray):
-        if not np.issubdtype(label.dtype, np.integer):
-            raise TypeError(f"labels must be integers, got dtype {label.dtype}")
-        if side == "left":
-            return label.copy()
-        return np.where(label > 0, label + RIGHT_OFFSET, 0).astype(label.dtype, copy=False)
-    label = int(label)
-    if label < 0 or label >= RIGHT_OFFSET:
-        raise ValueError(f"single-side label must be in [0, {RIGHT_OFFSET}), got {label}")
-    if label == 0 or side == "left":
-        return label
-    return label + RIGHT_OFFSET
-
-
-def side_of_index(index: int) -> tuple[str, int]:
-    """Inverse of :func:`bilateral_index` for a non-background index: ``(side, label)``."""
-    index = int(index)
-    if 0 < index < RIGHT_OFFSET:
-        return "left", index
-    if RIGHT_OFFSET < index < 2 * RIGHT_OFFSET:
-        return "right", index - RIGHT_OFFSET
-    raise ValueError(f"{index} is not a bilateral subfield index")
 
 
 def _colour(abbreviation: str, side: str) -> str:
@@ -165,7 +52,7 @@ def lookup_table(ca_mode: str) -> pd.DataFrame:
     (0 is background by BIDS convention).
     """
     rows = []
-    for side in SIDES:
+    for side in SIDES_BY_INDEX:
         for s in structures(ca_mode):
             rows.append(
                 {

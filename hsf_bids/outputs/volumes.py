@@ -23,7 +23,14 @@ from hsf_bids.outputs.derivatives import (
     write_json,
     write_tsv,
 )
-from hsf_bids.outputs.lut import CA_MODES, RIGHT_OFFSET, SIDES, bilateral_index, structures
+from hsf_bids.vocabulary import (
+    CA_MODES,
+    RIGHT_OFFSET,
+    SIDES_BY_INDEX,
+    WHOLE_HIPPOCAMPUS,
+    bilateral_index,
+    structures,
+)
 
 __all__ = [
     "COLUMNS",
@@ -46,7 +53,6 @@ __all__ = [
 # brain mask of this template would be closer to ICV but is not in the shipped TemplateFlow home.
 TEMPLATE_BRAIN_MM3 = 1_169_666.0
 
-WHOLE_HIPPOCAMPUS = "HC"
 # A whole hippocampus below this is a failed segmentation, not anatomy (adult hippocampi are about
 # 2,500-4,500 mm3 a side, and below 2,000 only in severe atrophy). Reports and group flags use it.
 MIN_PLAUSIBLE_HC_MM3 = 1000.0
@@ -130,7 +136,7 @@ def compute_volumes(
 ) -> pd.DataFrame:
     """Volumes of every side and structure of ``ca_mode`` in a bilateral segmentation.
 
-    ``labels``: integer array of bilateral indices (:func:`~hsf_bids.outputs.lut.bilateral_index`)
+    ``labels``: integer array of bilateral indices (:func:`~hsf_bids.vocabulary.bilateral_index`)
     on the native grid; ``uncertainty``: the entropy map on the same grid; ``grid``: that grid's
     4x4 affine or its voxel volume in mm3; ``entities``: the source image's entities;
     ``contrast`` overrides ``entities.contrast`` (e.g. ``"T1w+T2w"`` for a fused run);
@@ -161,7 +167,7 @@ def compute_volumes(
     if flat.size and flat.min() < 0:
         raise LabelsError(f"labels contain negative values ({flat.min()})")
     counts = np.bincount(flat, minlength=2 * RIGHT_OFFSET)
-    known = {0} | {bilateral_index(side, s.label) for side in SIDES for s in structs}
+    known = {0} | {bilateral_index(side, s.label) for side in SIDES_BY_INDEX for s in structs}
     unknown = sorted(set(np.flatnonzero(counts).tolist()) - known)
     if unknown:
         raise LabelsError(
@@ -202,7 +208,7 @@ def compute_volumes(
         }
 
     rows = []
-    for side in SIDES:
+    for side in SIDES_BY_INDEX:
         indices = [bilateral_index(side, s.label) for s in structs]
         for s, index in zip(structs, indices, strict=True):
             rows.append(row(side, s.abbreviation, index, int(counts[index]), float(sums[index])))

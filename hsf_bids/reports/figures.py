@@ -20,8 +20,8 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import ndimage
 
-from hsf_bids.outputs.lut import RIGHT_OFFSET
 from hsf_bids.reports.png import data_uri, encode_indexed_png, png_size
+from hsf_bids.vocabulary import RIGHT_OFFSET
 
 __all__ = [
     "BOX_COLOURS",

@@ -45,6 +45,7 @@ from hsf_bids.reports.figures import (
     side_figures,
     side_mask,
 )
+from hsf_bids.vocabulary import SIDES
 
 __all__ = [
     "CITATION_NAME",
@@ -57,7 +58,6 @@ __all__ = [
 ]
 
 CITATION_NAME = "CITATION.md"
-_SIDES = ("right", "left")
 
 
 class ReportError(RuntimeError):
@@ -126,7 +126,7 @@ def _qc_rows(loc: Mapping[str, Any]) -> list[_QcRow]:
     if r is not None:
         rows.append(_QcRow("template-image correlation, brain", f"{r:.2f}",
                            f">= {brain}", r >= brain))  # fmt: skip
-    for side in _SIDES:
+    for side in SIDES:
         r = num(f"{side}_correlation")
         if r is not None:
             rows.append(_QcRow(f"template-image correlation, {side} hippocampus", f"{r:.2f}",
@@ -142,7 +142,7 @@ def _qc_rows(loc: Mapping[str, Any]) -> list[_QcRow]:
         ok = lo <= smin and smax <= hi and smax / max(smin, 1e-9) <= L.MAX_SCALE_RATIO
         rows.append(_QcRow("template scaling per axis", f"{smin:.2f} to {smax:.2f}",
                            f"{lo} to {hi}, ratio <= {L.MAX_SCALE_RATIO}", ok))  # fmt: skip
-    for side in _SIDES:
+    for side in SIDES:
         f = num(f"{side}_fraction_outside")
         if f is not None:
             rows.append(_QcRow(f"{side} hippocampus outside the field of view", f"{f:.1%}",
@@ -206,7 +206,7 @@ def _image_view(image: ImageOutputs, lut: Mapping[int, str]) -> _ImageView:
     try:
         if boxes:
             view.figures.append(head_figure(anat, labels, zooms, boxes, pal))
-        for side in _SIDES:
+        for side in SIDES:
             if side in boxes:
                 view.figures += side_figures(anat, labels, unc, zooms, side, boxes[side], pal)
     except FigureError as exc:

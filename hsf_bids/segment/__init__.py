@@ -6,22 +6,10 @@ Arrays in, arrays out: nothing here reads or writes files.
 
 from .augment import HSF_TTA, Augmentation, TTASettings, sample_augmentation, sample_augmentations
 from .ensemble import CropSegmentation, InputCropError, ModelOutputError, segment_crop
-from .fuse import (
-    CA_MODES,
-    FUSIONS,
-    FusionAccumulator,
-    UnknownCaModeError,
-    UnknownFusionError,
-    entropy,
-    label_names,
-    merge_ca,
-    n_classes,
-)
+from .fuse import FusionAccumulator, UnknownFusionError, entropy, merge_ca, n_classes
 from .preprocess import ConstantCropError, pad_to_multiple, unpad, zscore
 
 __all__ = [
-    "CA_MODES",
-    "FUSIONS",
     "HSF_TTA",
     "Augmentation",
     "ConstantCropError",
@@ -30,10 +18,8 @@ __all__ = [
     "InputCropError",
     "ModelOutputError",
     "TTASettings",
-    "UnknownCaModeError",
     "UnknownFusionError",
     "entropy",
-    "label_names",
     "merge_ca",
     "n_classes",
     "pad_to_multiple",

@@ -33,16 +33,10 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from hsf_bids.engines.base import Session
+from hsf_bids.vocabulary import N_MODEL_CLASSES, label_names
 
 from .augment import HSF_TTA, Augmentation, TTASettings, sample_augmentations
-from .fuse import (
-    N_MODEL_CLASSES,
-    FusionAccumulator,
-    UnknownFusionError,
-    label_names,
-    merge_ca,
-    n_classes,
-)
+from .fuse import FusionAccumulator, UnknownFusionError, merge_ca, n_classes
 from .preprocess import pad_to_multiple, unpad, zscore
 
 __all__ = ["CropSegmentation", "InputCropError", "ModelOutputError", "segment_crop"]

@@ -12,53 +12,23 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from hsf_bids.vocabulary import FUSIONS, N_MODEL_CLASSES, channel_groups
+
 __all__ = [
-    "CA_MODES",
     "ENTROPY_EPS",
-    "FUSIONS",
-    "N_MODEL_CLASSES",
     "FusionAccumulator",
-    "UnknownCaModeError",
     "UnknownFusionError",
     "entropy",
-    "label_names",
     "merge_ca",
     "n_classes",
 ]
-
-#: Number of channels the HSF models output.
-N_MODEL_CLASSES = 6
-
-_MODEL_LABELS = ("background", "DG", "CA1", "CA2", "CA3", "SUB")
-
-#: For each ca_mode, the model channels summed into each output label (in label order).
-CA_MODES: dict[str, tuple[tuple[int, ...], ...]] = {
-    "1/2/3": ((0,), (1,), (2,), (3,), (4,), (5,)),
-    "1/23": ((0,), (1,), (2,), (3, 4), (5,)),
-    "123": ((0,), (1,), (2, 3, 4), (5,)),
-    "": ((0,), (1, 2, 3, 4, 5)),
-}
-
-FUSIONS = ("vote", "mean")
 
 #: Added inside the logarithm of the entropy, as in HSF.
 ENTROPY_EPS = 1e-5
 
 
-class UnknownCaModeError(ValueError):
-    """A ``ca_mode`` that is not one of :data:`CA_MODES`."""
-
-
 class UnknownFusionError(ValueError):
     """A fusion method that is not ``"vote"`` or ``"mean"``."""
-
-
-def _groups(ca_mode: str) -> tuple[tuple[int, ...], ...]:
-    try:
-        return CA_MODES[ca_mode]
-    except (KeyError, TypeError):
-        known = ", ".join(repr(m) for m in CA_MODES)
-        raise UnknownCaModeError(f"unknown ca_mode {ca_mode!r}; expected one of {known}") from None
 
 
 def _check_fusion(fusion: str) -> None:
@@ -68,22 +38,7 @@ def _check_fusion(fusion: str) -> None:
 
 def n_classes(ca_mode: str) -> int:
     """Number of output labels (background included) for ``ca_mode``."""
-    return len(_groups(ca_mode))
-
-
-def label_names(ca_mode: str) -> tuple[str, ...]:
-    """Names of the output labels for ``ca_mode``, indexed by label value.
-
-    ``"1/2/3"``: background, DG, CA1, CA2, CA3, SUB; ``"1/23"``: ..., CA2+CA3, SUB;
-    ``"123"``: background, DG, CA1+CA2+CA3, SUB; ``""``: background, hippocampus.
-    """
-    names = []
-    for group in _groups(ca_mode):
-        if len(group) == len(_MODEL_LABELS) - 1:
-            names.append("hippocampus")
-        else:
-            names.append("+".join(_MODEL_LABELS[c] for c in group))
-    return tuple(names)
+    return len(channel_groups(ca_mode))
 
 
 def merge_ca(probs: np.ndarray, ca_mode: str) -> np.ndarray:
@@ -100,7 +55,7 @@ def merge_ca(probs: np.ndarray, ca_mode: str) -> np.ndarray:
     Array of the same layout with :func:`n_classes` channels, the dtype of ``probs``. For
     ``"1/2/3"`` the input itself is returned (no copy).
     """
-    groups = _groups(ca_mode)
+    groups = channel_groups(ca_mode)
     if probs.ndim == 4:
         axis = 0
     elif probs.ndim == 5:
