@@ -22,7 +22,7 @@ from hsf_bids.interfaces import (
     VolumesTable,
     WriteDerivatives,
 )
-from hsf_bids.locate import SIDES
+from hsf_bids.localisation import SIDES
 
 LOGGER = logging.getLogger("hsf_bids")
 
