@@ -3,7 +3,7 @@
 The participant level runs once (fast demo hub, every subject) and writes the reports; each report
 is opened in Debian's Chromium, driven through the DevTools protocol over a pipe (no extra Python
 package), with every network request refused. A broken localisation made with
-:func:`hsf_bids.locate.assess` and a shifted transform must show a visible flag.
+:func:`hsf_bids.localisation.assess` and a shifted transform must show a visible flag.
 """
 
 from __future__ import annotations

@@ -50,7 +50,11 @@ __all__ = [
 
 
 class LocalisationError(RuntimeError):
-    """Registration could not run or gave an unusable transform."""
+    """Registration could not run or gave an unusable transform, or a hippocampus could not be
+    placed in the image."""
+
+    # Crash messages name the class by its module: the package users import it from.
+    __module__ = "hsf_bids.localisation"
 
 
 @dataclass(frozen=True)
