@@ -47,8 +47,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     os.environ.setdefault("TEMPLATEFLOW_HOME", str(args.bids.resolve().parents[1] / "templateflow"))
     sys.path.insert(0, str(REPO))
-    from hsf_bids import locate as L
+    from hsf_bids import localisation as L
     from hsf_bids.image import load_anat, to_ras
+    from hsf_bids.localisation import qc as Q
+    from hsf_bids.localisation import registration as R
     from hsf_bids.templates import load_atlas, load_template
 
     heads = _heads(args.bids)
@@ -57,9 +59,9 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     for contrast in sorted({c for _, c in heads}):
         load_template(contrast)
-        L._template_grid(contrast, 2.0)
+        R.template_grid(contrast, 2.0)
     load_atlas()
-    L._template_points(2.0)
+    Q._template_points(2.0)
     warm = time.perf_counter() - t0
 
     rows = []
@@ -100,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
           + " | total (s) | crops R / L | QC | same seed, same result |")  # fmt: skip
     print("|" + "---|" * (len(stages) + 6))
     for name, grid, times, total, shapes, loc, same in rows:
-        qc = "ok" if loc.qc_ok else "DOUBTFUL"
+        qc = "ok" if loc.localisation_ok else "FAILED"
         cells = " | ".join(f"{times[s]:.2f}" for s in stages)
         print(f"| {name} | {grid} | {cells} | {total:.2f} | {shapes} | {qc} | {same} |")
     totals = [r[3] for r in rows]

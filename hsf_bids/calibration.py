@@ -56,7 +56,7 @@ class CalibrationCrop:
 def template_crops(contrasts: Sequence[str] = ("T1w", "T2w")) -> list[CalibrationCrop]:
     """Both sides' hippocampus crops of the MNI152NLin2009cSym template of each contrast."""
     from hsf_bids.image import to_ras
-    from hsf_bids.locate import DEFAULT_MARGIN, crop, make_box
+    from hsf_bids.localisation import DEFAULT_MARGIN, crop, make_box
     from hsf_bids.templates import HIPPOCAMPUS_LABELS, load_atlas, load_template
     from hsf_bids.vocabulary import SIDES
 
@@ -81,7 +81,7 @@ def image_crops(
 ) -> list[CalibrationCrop]:
     """Both sides' crops of each image, localised as the participant level does."""
     from hsf_bids.image import load_anat, to_ras
-    from hsf_bids.locate import crop, locate
+    from hsf_bids.localisation import crop, locate
     from hsf_bids.vocabulary import SIDES
 
     crops = []

@@ -1,6 +1,6 @@
 """The stages of one segmentation, as plain functions over files.
 
-Each stage reads its inputs from files, calls the pure computation (``image``, ``locate``,
+Each stage reads its inputs from files, calls the pure computation (``image``, ``localisation``,
 ``segment``, ``outputs``) and writes its results into ``out_dir``, returning their paths. The
 Nipype interfaces are thin wrappers over these, so the stages can be run and tested without Nipype.
 
@@ -27,7 +27,7 @@ import numpy as np
 import pandas as pd
 
 from hsf_bids.image import from_ras, load_anat, to_ras
-from hsf_bids.locate import Box, crop, locate, register_to, resample_to
+from hsf_bids.localisation import Box, crop, locate
 from hsf_bids.outputs.derivatives import write_json
 from hsf_bids.timing import StageTimer
 from hsf_bids.vocabulary import SIDES
@@ -56,7 +56,7 @@ def localise(
     """Register the template to ``in_file`` and find both boxes; writes ``localisation.json``.
 
     The JSON holds the boxes (RAS+ voxels of the input), the template-to-subject affine, the QC
-    values, warnings and the reasons a localisation is doubtful.
+    values and checks, ``localisation_ok``, warnings and the registration schedule kept.
     """
     timer = StageTimer("localise")
     with timer.step("read"):
@@ -79,6 +79,8 @@ def coregister(
 ) -> Path:
     """Register a second contrast to the reference image and resample it onto the reference's
     RAS+ grid (linear); writes ``coregistered.nii.gz`` and the transform as JSON."""
+    from hsf_bids.segment.coregister import register_to, resample_to
+
     timer = StageTimer("coregister")
     with timer.step("read"):
         moving, _ = _ras_image(in_file)
@@ -248,8 +250,8 @@ def write_derivatives(
         **provenance,
         "Localisation": {
             key: loc[key]
-            for key in ("boxes", "qc", "qc_ok", "warnings", "doubtful_reasons",
-                        "template_to_subject", "seed", "resolution")
+            for key in ("boxes", "qc", "checks", "localisation_ok", "warnings",
+                        "template_to_subject", "seed", "resolution", "schedule")
         },
     }  # fmt: skip
     written = write_segmentation(
@@ -257,8 +259,8 @@ def write_derivatives(
     )
     icv = estimate_icv_mm3(np.asarray(loc["template_to_subject"]))
     table = compute_volumes(
-        labels, uncertainty, source.affine, ca_mode,
-        entities=entities, contrast=contrast, icv_mm3=icv, localisation_ok=bool(loc["qc_ok"]),
+        labels, uncertainty, source.affine, ca_mode, entities=entities, contrast=contrast,
+        icv_mm3=icv, localisation_ok=bool(loc["localisation_ok"]),
     )  # fmt: skip
     part = Path(out_dir) / "volumes_part.tsv"
     table.to_csv(part, sep="\t", index=False, na_rep="n/a")

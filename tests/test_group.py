@@ -176,3 +176,15 @@ def test_robust_z_needs_five_values_and_spread():
     assert robust_z(pd.Series([5.0] * 6)).isna().all()
     z = robust_z(pd.Series([1.0, 2.0, 3.0, 4.0, 5.0, 100.0]))
     assert z.iloc[-1] > 3.5 and np.abs(z.iloc[:-1]).max() < 3.5
+
+
+def test_the_localisation_flag_names_the_failed_checks():
+    volumes = {f"sub-{i:02d}": (3000.0 + 40 * i, 3050.0 + 35 * i) for i in range(1, 7)}
+    long = _long(volumes, ok={"sub-03": False})
+    long["localisation_failed"] = long["participant_id"].map(
+        lambda p: "right_correlation; sides" if p == "sub-03" else ""
+    )
+    wide = wide_table(add_flags(long)).set_index("participant_id")
+    assert wide.loc["sub-03", "flags"] == "localisation doubtful (right_correlation, sides)"
+    assert wide.loc["sub-03", "n_flags"] == 1
+    assert wide.loc["sub-01", "flags"] == ""

@@ -3,7 +3,7 @@
 The participant level runs once (fast demo hub, every subject) and writes the reports; each report
 is opened in Debian's Chromium, driven through the DevTools protocol over a pipe (no extra Python
 package), with every network request refused. A broken localisation made with
-:func:`hsf_bids.locate.assess` and a shifted transform must show a visible flag.
+:func:`hsf_bids.localisation.assess` and a shifted transform must show a visible flag.
 """
 
 from __future__ import annotations
@@ -288,7 +288,7 @@ def _shifted_copy(participant_out: Path, tmp_path: Path, shift_mm: float) -> tup
     """A copy of sub-04's outputs whose ses-01 sidecar holds the localisation of a template
     shifted by ``shift_mm`` to the right (boxes, QC values, flags all recomputed by assess)."""
     from hsf_bids.image import load_anat, to_ras
-    from hsf_bids.locate import assess
+    from hsf_bids.localisation import assess
     from hsf_bids.reports.collect import resolve_source
 
     out = tmp_path / "out"
@@ -306,7 +306,7 @@ def _shifted_copy(participant_out: Path, tmp_path: Path, shift_mm: float) -> tup
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # a clipped box warns; expected here
         broken = assess(ras, "T1w", moved).to_dict()
-    keys = ("boxes", "qc", "qc_ok", "warnings", "doubtful_reasons", "template_to_subject")
+    keys = ("boxes", "qc", "checks", "localisation_ok", "warnings", "template_to_subject")
     loc.update({key: broken[key] for key in keys})
     sidecar_file.write_text(json.dumps(sidecar, indent=2))
     return out, sidecar_file
@@ -317,7 +317,7 @@ def test_a_broken_localisation_is_flagged_visibly(participant_out, chromium, tmp
     before = open_report(participant_out / "sub-04.html")
     assert not any("doubtful localisation" in f["text"] for f in before["flags"])
     out, sidecar = _shifted_copy(participant_out, tmp_path, shift_mm=25.0)
-    assert json.loads(sidecar.read_text())["Provenance"]["Localisation"]["qc_ok"] is False
+    assert json.loads(sidecar.read_text())["Provenance"]["Localisation"]["localisation_ok"] is False
     report = write_subject_report(out, "04")
     found = open_report(report)
     assert found["errors"] == [] and found["failed"] == []
@@ -484,3 +484,31 @@ def test_methods_name_every_model_checksum_and_the_engine():
     assert "https://doi.org/10.3389/fninf.2023.1130845" in keys
     assert "https://onnxruntime.ai" in keys
     assert not any("openvino" in url for url in keys)
+
+
+def test_methods_say_which_registration_schedule_ran():
+    """The levels come from the schedule the sidecar recorded: the fine retry is named."""
+    from hsf_bids.localisation import FAST_SCHEDULE, FINE_SCHEDULE
+
+    def paragraph(localisation):
+        provenance = {"Seed": 3, "Localisation": localisation}
+        return methods(provenance, versions={}).paragraphs[0]
+
+    fast = paragraph({"resolution": 2.0, "schedule": FAST_SCHEDULE.to_dict()})
+    assert "12/8/4 mm levels, single-threaded" in fast and "finer" not in fast
+    assert paragraph({"resolution": 2.0}) == fast  # sidecars that record no schedule
+    fine = paragraph({"resolution": 2.0, "schedule": FINE_SCHEDULE.to_dict()})
+    assert "8/4/2 mm levels: a finer schedule" in fine
+    assert "first registration (12/8/4 mm levels)" in fine
+
+
+def test_methods_write_the_augmentation_ranges_that_ran():
+    from hsf_bids.segment.augment import HSF_TTA, TTASettings
+
+    provenance = {"Seed": 3, "TestTimeAugmentation": True, "NumAugmentations": 4}
+    text = methods(provenance, versions={}).paragraphs[1]
+    assert "scaling 0.8-1.2, rotation up to 15 degrees" in text
+    assert f"flip with probability {HSF_TTA.flip_probability:g}" in text
+    other = TTASettings(scales=(0.9, 1.1), degrees=10.0)
+    text = methods(provenance, versions={}, tta_settings=other).paragraphs[1]
+    assert "scaling 0.9-1.1, rotation up to 10 degrees" in text

@@ -244,7 +244,7 @@ def test_a_failing_subject_leaves_a_crash_file_and_the_others_finish(
     assert "localise" in crashes[0].name
     assert "sub-01_T1w.nii.gz" in crashes[0].read_text()
     assert (
-        "sub-01 failed: hsf_bids.locate.LocalisationError: "
+        "sub-01 failed: hsf_bids.localisation.LocalisationError: "
         f"{bids / 'sub-01/anat/sub-01_T1w.nii.gz'}: the warped right hippocampus lies entirely "
         "outside the image"
     ) in log

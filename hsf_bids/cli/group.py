@@ -38,7 +38,11 @@ _FLAG_DESCRIPTIONS = {
         "Description": "(left - right) / mean(left, right) volume of this structure in this image"
     },
     "asymmetry_z": {"Description": "Robust z-score of asymmetry_index, as volume_z"},
-    "flag_localisation": {"Description": "True when the localisation QC of the image failed"},
+    "localisation_failed": {
+        "Description": "Names of the localisation QC checks the image failed ('; '-separated, "
+        "empty if none), from its segmentation's sidecar (Provenance.Localisation.checks)"
+    },
+    "flag_localisation": {"Description": "True when localisation_ok is false"},
     "flag_uncertainty": {"Description": "True when uncertainty_z > 3.5"},
     "flag_volume": {
         "Description": "True when |volume_z| > 3.5, or a whole hippocampus (HC) is under "

@@ -369,8 +369,8 @@ def _write_reports(config: RunConfig, jobs: list[SegmentationJob]) -> None:
 def _reports_only(config: RunConfig) -> int:
     """``--reports-only``: write the reports again from the outputs already in the output
     folder (selected subjects, default all), without running anything."""
+    from hsf_bids.outputs.read import find_subjects
     from hsf_bids.reports import write_reports
-    from hsf_bids.reports.collect import find_subjects
 
     found = find_subjects(config.output_dir)
     wanted = [label.removeprefix("sub-") for label in config.participant_labels] or found

@@ -15,6 +15,7 @@ import pandas as pd
 
 from hsf_bids import __version__
 from hsf_bids.group.tables import FLAG_COLUMNS
+from hsf_bids.outputs.read import dseg_sidecars, read_sidecar, source_name
 
 _WIDTH, _HEIGHT, _PAD = 260, 220, 36
 _SIDE_X = {"left": 0.3, "right": 0.7}
@@ -78,12 +79,12 @@ def provenance(output_dir: Path, files: Sequence[str]) -> list[dict[str, Any]]:
     """The distinct settings (software, preset, models, engine) found in the segmentations'
     sidecars, each with the images that used them (several entries mean a mixed group)."""
     found: dict[str, dict[str, Any]] = {}
-    for sidecar in sorted(output_dir.glob("sub-*/**/*_desc-subfields_dseg.json")):
-        prov = json.loads(sidecar.read_text()).get("Provenance", {})
+    for sidecar in dseg_sidecars(output_dir):
+        prov = read_sidecar(sidecar).get("Provenance", {})
         key_fields = {k: prov.get(k) for k in _PROVENANCE_KEYS}
         key = json.dumps(key_fields, sort_keys=True)
         entry = found.setdefault(key, {**key_fields, "images": []})
-        entry["images"].append(sidecar.name.split("_space-")[0])
+        entry["images"].append(source_name(sidecar))
     return list(found.values())
 
 

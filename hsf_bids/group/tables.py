@@ -1,6 +1,7 @@
 """Group tables from what the participant level wrote (nothing is recomputed from images).
 
-* :func:`read_volumes` gathers every ``*_desc-subfields_volumes.tsv`` into one long table;
+* :func:`read_volumes` gathers every ``*_desc-subfields_volumes.tsv`` into one long table, with
+  the names of the localisation checks each image failed (from its sidecar);
 * :func:`add_flags` adds the quality flags a statistician filters on;
 * :func:`wide_table` makes one row per image with one column per side and structure;
 * :func:`subject_status` lists each subject's latest participant run (ok, failed with the reason
@@ -18,6 +19,7 @@ import numpy as np
 import pandas as pd
 
 from hsf_bids.logs import crash_files, crash_reason, latest_run_dir
+from hsf_bids.outputs.read import has_volumes, read_sidecar, sidecar_of_source, volumes_tables
 from hsf_bids.outputs.volumes import MIN_PLAUSIBLE_HC_MM3
 
 # Iglewicz and Hoaglin's rule: |modified z| > 3.5 marks an outlier; below 5 values the median
@@ -43,12 +45,19 @@ class GroupInputError(ValueError):
 
 def volumes_files(output_dir: Path, participants: Sequence[str] = ()) -> list[Path]:
     """Every participant volumes table under ``output_dir`` (optionally of some subjects)."""
-    files = sorted(output_dir.glob("sub-*/anat/*_desc-subfields_volumes.tsv"))
-    files += sorted(output_dir.glob("sub-*/ses-*/anat/*_desc-subfields_volumes.tsv"))
-    if participants:
-        wanted = {f"sub-{p.removeprefix('sub-')}" for p in participants}
-        files = [f for f in files if f.relative_to(output_dir).parts[0] in wanted]
-    return sorted(files)
+    return volumes_tables(output_dir, participants)
+
+
+def failed_checks(output_dir: Path, source: str) -> str | None:
+    """The names of the localisation checks the image ``source`` failed, ``"; "``-separated
+    (empty when all passed), as its sidecar recorded them; None when the sidecar or its checks
+    cannot be read."""
+    try:
+        sidecar = read_sidecar(sidecar_of_source(output_dir, source))
+        checks = sidecar["Provenance"]["Localisation"]["checks"]
+        return "; ".join(str(c["name"]) for c in checks if not c["passed"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def read_volumes(files: Sequence[Path], output_dir: Path) -> pd.DataFrame:
@@ -71,6 +80,8 @@ def read_volumes(files: Sequence[Path], output_dir: Path) -> pd.DataFrame:
             dtype={c: "string" for c in _TEXT_COLUMNS},
         )
         frame["volumes_file"] = path.relative_to(output_dir).as_posix()
+        failed = {s: failed_checks(output_dir, s) for s in frame["source"].dropna().unique()}
+        frame["localisation_failed"] = frame["source"].map(failed).astype("string")
         frames.append(frame)
     table = pd.concat(frames, ignore_index=True)
     table["label"] = table["label"].astype("Int64")
@@ -105,7 +116,7 @@ def add_flags(long: pd.DataFrame) -> pd.DataFrame:
     """Quality flags per row (True = look before use), computed within each contrast, side and
     structure (T2w volumes differ systematically from T1w ones):
 
-    ``flag_localisation``: the localisation QC of the image failed; ``flag_uncertainty``: mean
+    ``flag_localisation``: the image's ``localisation_ok`` is false; ``flag_uncertainty``: mean
     uncertainty far above the group (robust z > 3.5); ``flag_volume``: volume far from the group
     (|robust z| > 3.5), or a whole hippocampus under :data:`MIN_PLAUSIBLE_HC_MM3` (checked
     whatever the group size); ``flag_asymmetry``: left/right asymmetry index far from the group.
@@ -160,7 +171,10 @@ def _row_flags(row: pd.Series) -> list[str]:
     where = f"{row['side']} {row['structure']}"
     found = []
     if row["flag_localisation"]:
-        found.append("localisation doubtful")
+        failed = row.get("localisation_failed")
+        # The column is "; "-separated like the flags: within one flag, commas.
+        named = f" ({failed.replace('; ', ', ')})" if isinstance(failed, str) and failed else ""
+        found.append(f"localisation doubtful{named}")
     if row["flag_uncertainty"]:
         found.append(f"{where} high uncertainty")
     if row["flag_volume"]:
@@ -184,10 +198,9 @@ def subject_status(
         folder = output_dir / subject
         run = latest_run_dir(folder)
         crashes = crash_files(run) if run else []
-        has_volumes = any(folder.glob("**/*_desc-subfields_volumes.tsv"))
         if crashes:
             status, reason = "failed", crash_reason(crashes[0])
-        elif has_volumes:
+        elif has_volumes(output_dir, subject):
             status, reason = "ok", None
         else:
             status, reason = "missing", "no participant output (not run, or still running)"

@@ -1,8 +1,10 @@
 """BIDS Derivatives outputs: file names and writers, the label look-up table, volumes tables.
 
 ``lut`` owns the labels (one bilateral index rule), ``derivatives`` the names, sidecars and the
-shared top-level files, ``volumes`` the per-session volumes table. Plain functions over arrays and
-nibabel images; nothing here registers images or runs models.
+shared top-level files, ``volumes`` the per-session volumes table, ``read`` finds the written files
+again for the reports and group tables (by subject, session and entities, from the names
+``derivatives`` gives). Plain functions over arrays and nibabel images; nothing here registers
+images or runs models.
 """
 
 from hsf_bids.outputs.derivatives import (

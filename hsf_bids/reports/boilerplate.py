@@ -12,6 +12,9 @@ from dataclasses import dataclass
 from importlib import metadata
 from typing import Any
 
+from hsf_bids.localisation.registration import FAST_SCHEDULE
+from hsf_bids.segment.augment import HSF_TTA, TTASettings
+
 __all__ = ["REFERENCES", "Methods", "Reference", "library_versions", "methods"]
 
 
@@ -133,18 +136,44 @@ def _plural(n: int, word: str) -> str:
     return f"{n} {word}" + ("" if n == 1 else "s")
 
 
+def _schedule_text(loc: Mapping[str, Any]) -> str:
+    """The registration levels that produced the localisation, and why when it was the retry."""
+    schedule = loc.get("schedule") or FAST_SCHEDULE.to_dict()
+    levels = "/".join(f"{level:g}" for level in schedule["levels_mm"]) + " mm levels"
+    if schedule.get("name") == FAST_SCHEDULE.name:
+        return levels
+    fast = "/".join(f"{level:g}" for level in FAST_SCHEDULE.levels_mm)
+    return (
+        f"{levels}: a finer schedule, run because the first registration ({fast} mm levels) "
+        "agreed poorly with the image around the hippocampi, and kept as the better of the two"
+    )
+
+
+def _augmentation_text(tta: TTASettings) -> str:
+    scales = f"{tta.scales[0]:g}-{tta.scales[1]:g}"
+    return (
+        f"left-right flip with probability {tta.flip_probability:g}, then an affine transform "
+        f"(probability {tta.affine_probability:g}: scaling {scales}, rotation up to "
+        f"{tta.degrees:g} degrees and translation up to {tta.translation_mm:g} mm per axis) or "
+        f"an elastic deformation (probability {tta.elastic_probability:g})"
+    )
+
+
 def methods(
     provenance: Mapping[str, Any],
     *,
     contrasts: Sequence[str] = (),
     multispectral: bool = False,
     versions: Mapping[str, str] | None = None,
+    tta_settings: TTASettings = HSF_TTA,
 ) -> Methods:
     """The methods text of a run from one sidecar's ``Provenance`` block.
 
     ``contrasts`` are the contrasts segmented (``T1w``, ``T2w``), ``multispectral`` whether a
     T1w and a T2w were fused; ``versions`` maps library names to versions (default: the
-    installed ones, :func:`library_versions`).
+    installed ones, :func:`library_versions`); ``tta_settings`` holds the augmentation ranges
+    that ran. The registration levels are those of the schedule the sidecar records
+    (``Localisation.schedule``; the fast one when it records none).
     """
     used: list[str] = []
     versions = dict(library_versions() if versions is None else versions)
@@ -174,7 +203,7 @@ def methods(
         f"TemplateFlow, {_c('templateflow', used)}) of the matching contrast to the image with "
         f"an affine transform in ANTs (ANTsPy {versions.get('ANTsPy', '')}; {_c('ants', used)}; "
         f"Mattes mutual information, centre-of-mass initialisation, {resolution:g} mm grid, "
-        f"12/8/4 mm levels, single-threaded with seed {seed}). The CerebrA hippocampus labels "
+        f"{_schedule_text(loc)}, single-threaded with seed {seed}). The CerebrA hippocampus labels "
         f"({_c('cerebra', used)}) were warped to the image with nearest-neighbour "
         "interpolation; the bounding box of each, grown by a margin, defined the crop of each "
         "side, segmented at the image's native resolution."
@@ -189,9 +218,7 @@ def methods(
     if tta:
         aug = (
             f"Each crop was z-scored, zero-padded to multiples of 8 and segmented as is and as "
-            f"{n_aug} augmented copies (left-right flip with probability 0.5, then an affine "
-            "transform (probability 0.8: scaling 0.8-1.2, rotation up to 15 degrees and "
-            "translation up to 3 mm per axis) or an elastic deformation (probability 0.2)), drawn "
+            f"{n_aug} augmented copies ({_augmentation_text(tta_settings)}), drawn "
             f"from seed {seed}; each prediction was mapped back to the crop with linear "
             "interpolation."
         )

@@ -1,9 +1,9 @@
 """Read what the participant level wrote for one subject: segmentations, sidecars, volumes
 tables, the look-up table, crash files; find the input images the outputs were made from.
 
-Nothing is recomputed; QC flags come from the sidecars' ``Provenance.Localisation`` (``qc_ok``,
-``doubtful_reasons``, ``warnings``), plus two consistency checks on the written files (each side's
-segmentation inside its recorded box, a non-empty hippocampus on each side).
+Nothing is recomputed; QC flags come from the sidecars' ``Provenance.Localisation`` (its
+``checks``, ``localisation_ok`` and ``warnings``), plus two consistency checks on the written
+files (each side's segmentation inside its recorded box, a non-empty hippocampus on each side).
 """
 
 from __future__ import annotations
@@ -17,8 +17,10 @@ from urllib.parse import unquote, urlparse
 
 import pandas as pd
 
+from hsf_bids.localisation.qc import QcCheck
 from hsf_bids.logs import crash_files, crash_reason, latest_run_dir
-from hsf_bids.outputs.derivatives import LUT_NAME, UNCERTAINTY_SUFFIX, Entities, sidecar_path
+from hsf_bids.outputs.derivatives import Entities, lut_path, sidecar_path
+from hsf_bids.outputs.read import segmentations, subject_volumes_tables, uncertainty_of
 from hsf_bids.outputs.volumes import MIN_PLAUSIBLE_HC_MM3
 
 __all__ = [
@@ -28,7 +30,6 @@ __all__ = [
     "OutputsError",
     "SubjectOutputs",
     "collect_subject",
-    "find_subjects",
     "read_crash",
     "read_lut",
     "resolve_source",
@@ -76,8 +77,13 @@ class ImageOutputs:
         return dict(self.provenance.get("Localisation") or {})
 
     @property
-    def qc_ok(self) -> bool:
-        return bool(self.localisation.get("qc_ok", False))
+    def localisation_ok(self) -> bool:
+        return bool(self.localisation.get("localisation_ok", False))
+
+    @property
+    def checks(self) -> list[QcCheck]:
+        """The localisation's QC checks, as judged when the image was localised."""
+        return [QcCheck.from_dict(c) for c in self.localisation.get("checks") or []]
 
     @property
     def session(self) -> str | None:
@@ -128,7 +134,7 @@ def _read_json(path: Path) -> dict[str, Any]:
 
 def read_lut(output_dir: str | os.PathLike[str]) -> pd.DataFrame:
     """The top-level look-up table (``index``, ``name``, ``abbreviation``, ``color``)."""
-    path = Path(output_dir) / LUT_NAME
+    path = lut_path(output_dir)
     try:
         lut = pd.read_csv(path, sep="\t", dtype={"index": int}, keep_default_na=False)
     except (OSError, ValueError) as exc:
@@ -202,11 +208,11 @@ def _localisation_flags(image: ImageOutputs) -> list[Flag]:
     loc = image.localisation
     if not loc:
         return [Flag("error", f"{image.dseg.name}: the sidecar records no localisation")]
-    flags = [Flag("error", f"doubtful localisation: {r}") for r in loc.get("doubtful_reasons", [])]
-    if not loc.get("qc_ok", False) and not flags:
-        flags.append(Flag("error", "doubtful localisation (qc_ok is false)"))
-    doubts = set(loc.get("doubtful_reasons", []))
-    flags += [Flag("warning", w) for w in loc.get("warnings", []) if w not in doubts]
+    failed = [check.meaning for check in image.checks if not check.passed]
+    flags = [Flag("error", f"doubtful localisation: {meaning}") for meaning in failed]
+    if not image.localisation_ok and not flags:
+        flags.append(Flag("error", "doubtful localisation (localisation_ok is false)"))
+    flags += [Flag("warning", w) for w in loc.get("warnings", []) if w not in failed]
     return flags
 
 
@@ -228,15 +234,6 @@ def _volume_flags(rows: list[dict[str, str]]) -> list[Flag]:
                 f"{MIN_PLAUSIBLE_HC_MM3:g} mm3: check the segmentation",
             ))  # fmt: skip
     return flags
-
-
-def _subject_images(subject_dir: Path) -> list[Path]:
-    return sorted(subject_dir.glob("**/anat/*_desc-subfields_dseg.nii.gz"))
-
-
-def find_subjects(output_dir: str | os.PathLike[str]) -> list[str]:
-    """Labels (without ``sub-``) of the subject folders of an output folder."""
-    return sorted(p.name[4:] for p in Path(output_dir).glob("sub-*") if p.is_dir())
 
 
 def collect_subject(
@@ -261,7 +258,7 @@ def collect_subject(
     bids = Path(bids_dir) if bids_dir is not None else None
 
     images: list[ImageOutputs] = []
-    for dseg in _subject_images(subject_dir):
+    for dseg in segmentations(output_dir, subject):
         sidecar = _read_json(sidecar_path(dseg))
         sources = [str(s) for s in sidecar.get("Sources") or []]
         if not sources:
@@ -271,7 +268,7 @@ def collect_subject(
             entities = Entities.from_filename(name)
         except ValueError as exc:
             raise OutputsError(f"{sidecar_path(dseg)}: {exc}") from exc
-        unc = dseg.with_name(dseg.name.replace("_dseg.nii.gz", f"_{UNCERTAINTY_SUFFIX}.nii.gz"))
+        unc = uncertainty_of(dseg)
         images.append(
             ImageOutputs(
                 name=name, entities=entities, dseg=dseg,
@@ -280,10 +277,7 @@ def collect_subject(
             )
         )  # fmt: skip
 
-    tables: dict[str | None, Path] = {}
-    for path in sorted(subject_dir.glob("**/anat/*_desc-subfields_volumes.tsv")):
-        session = next((p[4:] for p in path.name.split("_") if p.startswith("ses-")), None)
-        tables[session] = path
+    tables = subject_volumes_tables(output_dir, subject)
     rows_by_source: dict[str, list[dict[str, str]]] = {}
     for path in tables.values():
         for row in _volume_rows(path):

@@ -24,6 +24,7 @@ from nibabel.orientations import apply_orientation
 
 from hsf_bids import __version__
 from hsf_bids.image import InvalidImageError, load_anat, ras_ornt, to_ras
+from hsf_bids.localisation.qc import QcCheck
 from hsf_bids.outputs.derivatives import write_text
 from hsf_bids.reports.boilerplate import Methods, library_versions, methods
 from hsf_bids.reports.collect import (
@@ -111,45 +112,21 @@ class _ImageView:
 
 
 def _qc_rows(loc: Mapping[str, Any]) -> list[_QcRow]:
-    from hsf_bids import locate as L
-
-    brain, local = L.MIN_BRAIN_CORRELATION, L.MIN_LOCAL_CORRELATION
-
-    qc = loc.get("qc") or {}
-
-    def num(key: str) -> float | None:
-        value = qc.get(key)
-        return float(value) if isinstance(value, int | float) else None
-
-    rows = []
-    r = num("brain_correlation")
-    if r is not None:
-        rows.append(_QcRow("template-image correlation, brain", f"{r:.2f}",
-                           f">= {brain}", r >= brain))  # fmt: skip
-    for side in SIDES:
-        r = num(f"{side}_correlation")
-        if r is not None:
-            rows.append(_QcRow(f"template-image correlation, {side} hippocampus", f"{r:.2f}",
-                               f">= {local}", r >= local))  # fmt: skip
-    d = num("determinant")
-    if d is not None:
-        lo, hi = L.DETERMINANT_RANGE
-        rows.append(_QcRow("head size / template (affine determinant)", f"{d:.2f}",
-                           f"{lo} to {hi}", lo <= d <= hi))  # fmt: skip
-    smin, smax = num("scale_min"), num("scale_max")
-    if smin is not None and smax is not None:
-        lo, hi = L.SCALE_RANGE
-        ok = lo <= smin and smax <= hi and smax / max(smin, 1e-9) <= L.MAX_SCALE_RATIO
-        rows.append(_QcRow("template scaling per axis", f"{smin:.2f} to {smax:.2f}",
-                           f"{lo} to {hi}, ratio <= {L.MAX_SCALE_RATIO}", ok))  # fmt: skip
-    for side in SIDES:
-        f = num(f"{side}_fraction_outside")
-        if f is not None:
-            rows.append(_QcRow(f"{side} hippocampus outside the field of view", f"{f:.1%}",
-                               "0 %", f == 0))  # fmt: skip
-    if num("retried") is not None:
+    """The localisation's checks as the sidecar recorded them (nothing is judged again), then
+    the registration schedule that produced it."""
+    rows = [
+        _QcRow(check.title, check.shown, check.limit, check.passed)
+        for check in (QcCheck.from_dict(c) for c in loc.get("checks") or [])
+    ]
+    retried = (loc.get("qc") or {}).get("retried")
+    if isinstance(retried, int | float):
         rows.append(_QcRow("registration retried on the finer schedule",
-                           "yes" if num("retried") else "no", "", None))  # fmt: skip
+                           "yes" if retried else "no", "", None))  # fmt: skip
+    schedule = loc.get("schedule") or {}
+    if schedule.get("levels_mm"):
+        levels = "/".join(f"{level:g}" for level in schedule["levels_mm"])
+        kept = f"{schedule.get('name', '?')} ({levels} mm levels)"
+        rows.append(_QcRow("registration schedule kept", kept, "", None))
     return rows
 
 

@@ -9,8 +9,11 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from hsf_bids import locate as L
+from hsf_bids import localisation as L
 from hsf_bids.image import from_ras, load_anat, new_image, to_ras
+from hsf_bids.localisation import qc as Q
+from hsf_bids.localisation import registration as R
+from hsf_bids.segment import coregister as C
 from hsf_bids.templates import (
     HIPPOCAMPUS_LABELS,
     atlas_path,
@@ -85,7 +88,7 @@ def test_templates_come_from_templateflow_home(templateflow_home: Path) -> None:
 @pytest.mark.parametrize("key", list(HEADS))
 def test_every_head_has_both_hippocampi_inside_their_boxes(heads, key: str) -> None:
     img, ras, _, loc = heads[key]
-    assert loc.qc_ok, loc.doubtful_reasons
+    assert loc.localisation_ok, loc.failed_checks
     assert loc.warnings == []
     assert list(loc.boxes) == ["right", "left"]
     zooms = np.linalg.norm(ras.affine[:3, :3], axis=0)
@@ -98,10 +101,10 @@ def test_every_head_has_both_hippocampi_inside_their_boxes(heads, key: str) -> N
         assert np.all(extent > 12) and np.all(extent < 60), extent
         start, mask = loc.masks[side]
         assert mask.sum() == box.label_voxels
-        assert loc.qc[f"{side}_correlation"] > L.MIN_LOCAL_CORRELATION
+        assert loc.qc[f"{side}_correlation"] > Q.MIN_LOCAL_CORRELATION
     # Right is right: larger x in RAS+ world.
     assert _box_centre_world(loc, "right")[0] > _box_centre_world(loc, "left")[0] + 30
-    assert L.DETERMINANT_RANGE[0] < loc.qc["determinant"] < L.DETERMINANT_RANGE[1]
+    assert Q.DETERMINANT_RANGE[0] < loc.qc["determinant"] < Q.DETERMINANT_RANGE[1]
     report = loc.to_dict()
     assert report["boxes"]["left"]["shape"] == list(loc.boxes["left"].shape)
     assert np.asarray(report["template_to_subject"]).shape == (4, 4)
@@ -142,8 +145,10 @@ def test_thin_slab_t2w_is_usable_with_another_seed(heads) -> None:
     stops in a poor optimum (local correlation about 0.35); locate must retry and end usable."""
     _, ras, _, _ = heads["sub-03_T2w"]
     loc = L.locate(ras, "T2w", seed=2)
-    assert loc.qc_ok, loc.doubtful_reasons
+    assert loc.localisation_ok, loc.failed_checks
     assert min(loc.qc["right_correlation"], loc.qc["left_correlation"]) > L.RETRY_CORRELATION
+    assert loc.qc["retried"] == 1.0 and loc.schedule == L.FINE_SCHEDULE
+    assert loc.to_dict()["schedule"]["levels_mm"] == [8.0, 4.0, 2.0]
     assert all(box.label_inside_box for box in loc.boxes.values())
 
 
@@ -271,20 +276,53 @@ def test_qc_flags_a_shifted_registration(heads) -> None:
     shift = np.eye(4)
     shift[:3, 3] = [0.0, 12.0, 0.0]  # 12 mm forward: the box would miss the hippocampus tail
     bad = L.assess(ras, "T1w", shift @ loc.template_to_subject)
-    assert bad.doubtful and not bad.qc_ok
-    assert any("disagree" in r for r in bad.doubtful_reasons), bad.doubtful_reasons
+    assert not bad.localisation_ok
+    assert any("disagree" in c.meaning for c in bad.failed_checks), bad.failed_checks
     assert bad.qc["left_correlation"] < loc.qc["left_correlation"] - 0.2
+
+
+def test_checks_are_judged_once_as_data(heads) -> None:
+    """Every check of a good head passed; the list survives JSON; the fast schedule is kept."""
+    import json
+
+    loc = heads["sub-04_ses-01_T1w"][3]
+    names = [c.name for c in loc.checks]
+    assert names == [
+        "determinant", "scaling", "brain_correlation", "right_correlation",
+        "right_field_of_view", "left_correlation", "left_field_of_view", "sides",
+    ]  # fmt: skip
+    assert all(c.passed for c in loc.checks) and loc.localisation_ok
+    record = json.loads(json.dumps(loc.to_dict()))
+    assert record["localisation_ok"] is True and "qc_ok" not in record
+    again = [L.QcCheck.from_dict(c) for c in record["checks"]]
+    assert again == loc.checks
+    assert record["schedule"] == L.FAST_SCHEDULE.to_dict() and loc.qc["retried"] == 0.0
+    brain = loc.checks[2]
+    assert brain.value == pytest.approx(loc.qc["brain_correlation"])
+    assert brain.limit == f">= {Q.MIN_BRAIN_CORRELATION}"
+
+
+def test_a_left_right_swap_fails_the_sides_check(heads) -> None:
+    _, ras, _, loc = heads["sub-04_ses-01_T1w"]
+    centre = ras.affine[:3, :3] @ (np.asarray(ras.shape) - 1) / 2 + ras.affine[:3, 3]
+    mirror = np.eye(4)
+    mirror[0, 0], mirror[0, 3] = -1.0, 2 * centre[0]  # x -> -x about the head's centre
+    swapped = L.assess(ras, "T1w", mirror @ loc.template_to_subject)
+    failed = {c.name: c for c in swapped.failed_checks}
+    assert "sides" in failed and "determinant" in failed, swapped.failed_checks
+    assert failed["sides"].meaning == "the right hippocampus was found left of the left one"
 
 
 def test_qc_flags_an_implausible_scale(heads) -> None:
     _, ras, _, loc = heads["sub-04_ses-01_T1w"]
     squash = np.diag([1.0, 1.0, 0.5, 1.0])
     bad = L.assess(ras, "T1w", loc.template_to_subject @ squash)
-    assert any("scal" in r or "size" in r for r in bad.doubtful_reasons), bad.doubtful_reasons
+    assert {c.name for c in bad.failed_checks} & {"scaling", "determinant"}, bad.failed_checks
+    assert any("scal" in c.meaning or "size" in c.meaning for c in bad.failed_checks)
 
 
 def test_head_cut_through_the_hippocampi_is_flagged(heads) -> None:
-    """A field of view ending mid-hippocampus: registered anyway, warned, marked doubtful."""
+    """A field of view ending mid-hippocampus: registered anyway, warned, failing its checks."""
     _, ras, _, loc = heads["sub-04_ses-01_T1w"]
     box = loc.boxes["left"]
     cut = (box.label_start[2] + box.label_stop[2]) // 2  # drop everything below mid-height
@@ -294,7 +332,8 @@ def test_head_cut_through_the_hippocampi_is_flagged(heads) -> None:
     partial = new_image(np.ascontiguousarray(data), affine)
     with pytest.warns(RuntimeWarning, match="outside the field of view"):
         res = L.locate(partial, "T1w")
-    assert res.doubtful
+    assert not res.localisation_ok
+    assert {c.name for c in res.failed_checks} >= {"right_field_of_view", "left_field_of_view"}
     for side in SIDES:
         b = res.boxes[side]
         assert 0.2 < b.fraction_outside < 0.8, (side, b.fraction_outside)
@@ -308,19 +347,19 @@ def test_head_cut_through_the_hippocampi_is_flagged(heads) -> None:
 def test_t2w_registers_onto_the_t1w_of_the_same_head(heads) -> None:
     _, t1, _, loc_t1 = heads["sub-03_T1w"]
     _, t2, _, loc_t2 = heads["sub-03_T2w"]
-    moving_to_fixed = L.register_to(t2, t1, seed=0)
+    moving_to_fixed = C.register_to(t2, t1, seed=0)
     lin = moving_to_fixed[:3, :3]
     np.testing.assert_allclose(lin @ lin.T, np.eye(3), atol=1e-4)  # rigid by default
     # Two independent routes to the hippocampi agree: T2w boxes mapped onto the T1w.
     for side in SIDES:
         via_t2 = moving_to_fixed[:3, :3] @ _box_centre_world(loc_t2, side) + moving_to_fixed[:3, 3]
         assert np.linalg.norm(via_t2 - _box_centre_world(loc_t1, side)) < 5.0, side
-    resampled = L.resample_to(t2, t1, moving_to_fixed)
+    resampled = C.resample_to(t2, t1, moving_to_fixed)
     assert resampled.shape == t1.shape
     np.testing.assert_allclose(resampled.affine, t1.affine)
     # Better agreement with the T1w than the headers alone give (joint-histogram MI).
     t1d = np.asarray(t1.dataobj, float)
-    header_only = np.asarray(L.resample_to(t2, t1).dataobj)
+    header_only = np.asarray(C.resample_to(t2, t1).dataobj)
     assert _mutual_information(t1d, np.asarray(resampled.dataobj)) > 1.5 * _mutual_information(
         t1d, header_only
     )
@@ -357,7 +396,7 @@ def test_registration_runs_without_importing_the_ants_package(ds_mini, templatef
     code = f"""
 import sys
 from hsf_bids.image import load_anat, to_ras
-from hsf_bids.locate import locate
+from hsf_bids.localisation import locate
 ras, _ = to_ras(load_anat({str(head)!r}))
 loc = locate(ras, "T2w", seed=0)
 assert loc.boxes["left"].label_voxels > 0 and loc.boxes["right"].label_voxels > 0
@@ -382,11 +421,11 @@ def test_transform_file_reads_as_ants_does(heads, tmp_path: Path) -> None:
     import ants
 
     _, ras, _, _ = heads["sub-04_ses-01_T1w"]
-    subject = L._world_grid(np.asarray(ras.dataobj), np.asarray(ras.affine), 4.0)
-    template = L._template_grid("T1w", 4.0)
-    lib = L._ants_library()
-    f = L._write_grid(*subject, str(tmp_path / "fixed.nii"))
-    m = L._write_grid(*template, str(tmp_path / "moving.nii"))
+    subject = R.world_grid(np.asarray(ras.dataobj), np.asarray(ras.affine), 4.0)
+    template = R.template_grid("T1w", 4.0)
+    lib = R._ants_library()
+    f = R._write_grid(*subject, str(tmp_path / "fixed.nii"))
+    m = R._write_grid(*template, str(tmp_path / "moving.nii"))
     args = ["--dimensionality", "3", "--float", "1", "--output", str(tmp_path / "reg_"),
             "--initial-moving-transform", f"[{f},{m},1]", "--transform", "Affine[0.25]",
             "--metric", f"MI[{f},{m},1,32,Regular,0.2]", "--convergence", "[20,1e-6,10]",
@@ -394,7 +433,7 @@ def test_transform_file_reads_as_ants_does(heads, tmp_path: Path) -> None:
             "--random-seed", "1"]  # fmt: skip
     assert lib.antsRegistration(args) == 0
     path = str(tmp_path / "reg_0GenericAffine.mat")
-    ours = L._read_ants_affine(path)
+    ours = R._read_ants_affine(path)
     tx = ants.read_transform(path)
     # ANTs' own route: subject (fixed) points through its transform, LPS in and out.
     points = np.array([[30.0, -20.0, -10.0], [-28.0, -22.0, -14.0], [0.0, 0.0, 0.0]])
