@@ -15,6 +15,8 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
+from hsf_bids.errors import EX_NOINPUT, HsfBidsError
+
 __all__ = [
     "TEMPLATE",
     "CONTRASTS",
@@ -33,8 +35,10 @@ CONTRASTS = ("T1w", "T2w")
 HIPPOCAMPUS_LABELS: dict[str, int] = {"right": 48, "left": 99}
 
 
-class TemplateError(RuntimeError):
+class TemplateError(HsfBidsError, RuntimeError):
     """A template file is missing and could not be fetched, or is unreadable."""
+
+    exit_code = EX_NOINPUT
 
 
 def templateflow_home() -> Path:

@@ -8,7 +8,6 @@ from pathlib import Path
 from typing import NoReturn
 
 from hsf_bids import __version__
-from hsf_bids.cli.exit_codes import EX_USAGE
 from hsf_bids.config import (
     CA_MODES,
     CONTRAST_CHOICES,
@@ -18,6 +17,9 @@ from hsf_bids.config import (
     FUSIONS,
     PRECISIONS,
 )
+from hsf_bids.errors import EX_USAGE
+
+PROG = "hsf-bids"
 
 
 class _Parser(argparse.ArgumentParser):
@@ -62,7 +64,7 @@ def _ca_mode(text: str) -> str:
 def build_parser() -> argparse.ArgumentParser:
     """All options of ``hsf-bids``."""
     p = _Parser(
-        prog="hsf-bids",
+        prog=PROG,
         description=(
             "Hippocampal subfield segmentation (dentate gyrus, CA1, CA2, CA3, subiculum) of T1w "
             "and "

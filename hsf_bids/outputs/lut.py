@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from hsf_bids.errors import EX_CANTCREAT, HsfBidsError
 from hsf_bids.outputs.derivatives import write_tsv
 
 __all__ = [
@@ -42,8 +43,10 @@ class CaModeError(ValueError):
     """A ``ca_mode`` that is not one of :data:`CA_MODES`."""
 
 
-class LutConflictError(RuntimeError):
+class LutConflictError(HsfBidsError, RuntimeError):
     """An existing look-up table describes other labels than the one being written."""
+
+    exit_code = EX_CANTCREAT
 
 
 @dataclass(frozen=True)
