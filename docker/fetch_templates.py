@@ -29,6 +29,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from urllib.parse import quote
 
+from hsf_bids.errors import EX_FAILURE, EX_IOERR
+
 TEMPLATE = "MNI152NLin2009cSym"
 S3_ROOT = "https://templateflow.s3.amazonaws.com"
 # File name -> TemplateFlow query (the queries of hsf_bids.templates, plus the atlas table).
@@ -47,8 +49,6 @@ FILES: dict[str, dict[str, object]] = {
     },
 }  # fmt: skip
 HIPPOCAMPUS_LABELS = (48, 99)
-EXIT_MISMATCH = 1
-EXIT_IOERR = 74
 MIB = 1024 * 1024
 
 
@@ -266,10 +266,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         verify_app_finds_them(home, paths)
     except VerificationError as exc:
         print(f"fetch_templates: error: {exc}", file=sys.stderr)
-        return EXIT_MISMATCH
+        return EX_FAILURE
     except (FetchError, OSError) as exc:
         print(f"fetch_templates: error: {exc}", file=sys.stderr)
-        return EXIT_IOERR
+        return EX_IOERR
     for name, digest in sha256.items():
         print(f"{digest}  {name}")
     print(

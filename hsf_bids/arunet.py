@@ -35,6 +35,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from hsf_bids.atomic import atomic_file
+
 INPUT_NAME = "cropped_hippocampus"
 OUTPUT_NAME = "segmented_hippocampus"
 N_CLASSES = 6
@@ -290,11 +292,9 @@ def build_arunet(
     Full size is about 150 MB; the file is written whole, so a reader never sees a partial model.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     data = build_arunet_model(seed=seed, widths=widths).SerializeToString()
-    tmp = path.with_name(path.name + ".part")
-    tmp.write_bytes(data)
-    tmp.replace(path)
+    with atomic_file(path) as tmp:
+        tmp.write_bytes(data)
     return path
 
 

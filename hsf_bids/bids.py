@@ -14,19 +14,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from hsf_bids.errors import EX_EMPTY_SELECTION, EX_NOINPUT, EX_USAGE, HsfBidsError
 from hsf_bids.outputs.derivatives import Entities, EntitiesError
 from hsf_bids.vocabulary import CONTRASTS
 
 
-class BIDSQueryError(ValueError):
-    """The dataset, the labels or the filters select nothing usable.
+class BIDSQueryError(HsfBidsError, ValueError):
+    """The dataset, the labels or the filters select nothing usable (exit code 18, or the
+    ``exit_code=`` given: a filter file that cannot be read or is malformed)."""
 
-    ``exit_code`` is the BIDS Apps code to end with.
-    """
-
-    def __init__(self, message: str, exit_code: int) -> None:
-        super().__init__(message)
-        self.exit_code = exit_code
+    exit_code = EX_EMPTY_SELECTION
 
 
 @dataclass(frozen=True)
@@ -90,23 +87,25 @@ def load_bids_filters(path: Path) -> dict[str, dict[str, Any]]:
         filters = json.loads(Path(path).read_text())
     except OSError as exc:
         raise BIDSQueryError(
-            f"cannot read the BIDS filter file {path}: {exc.strerror}", 66
+            f"cannot read the BIDS filter file {path}: {exc.strerror}", exit_code=EX_NOINPUT
         ) from exc
     except json.JSONDecodeError as exc:
-        raise BIDSQueryError(f"the BIDS filter file {path} is not valid JSON: {exc}", 64) from exc
+        raise BIDSQueryError(
+            f"the BIDS filter file {path} is not valid JSON: {exc}", exit_code=EX_USAGE
+        ) from exc
     allowed = {c.lower() for c in CONTRASTS}
     if not isinstance(filters, dict) or not all(isinstance(v, dict) for v in filters.values()):
         raise BIDSQueryError(
             f"the BIDS filter file {path} must map query names ({', '.join(sorted(allowed))}) "
             "to objects of entity filters",
-            64,
+            exit_code=EX_USAGE,
         )
     unknown = set(filters) - allowed
     if unknown:
         raise BIDSQueryError(
             f"the BIDS filter file {path} has unknown queries {sorted(unknown)}; "
             f"expected {sorted(allowed)}",
-            64,
+            exit_code=EX_USAGE,
         )
     return filters
 
@@ -189,8 +188,7 @@ def collect_jobs(
     if unknown:
         raise BIDSQueryError(
             f"participant label(s) not found in {bids_dir}: {', '.join(unknown)} "
-            f"(present: {', '.join(subjects) or 'none'})",
-            18,
+            f"(present: {', '.join(subjects) or 'none'})"
         )
     sessions = [strip_prefix(s, "ses-") for s in session_labels]
     if sessions:
@@ -199,8 +197,7 @@ def collect_jobs(
         if missing:
             raise BIDSQueryError(
                 f"session label(s) not found for the selected participants in {bids_dir}: "
-                f"{', '.join(missing)} (present: {', '.join(sorted(present)) or 'none'})",
-                18,
+                f"{', '.join(missing)} (present: {', '.join(sorted(present)) or 'none'})"
             )
 
     filters = bids_filters or {}
@@ -231,7 +228,7 @@ def collect_jobs(
         jobs.extend(subject_jobs)
     if not jobs:
         detail = "; ".join(problems) if problems else "no images"
-        raise BIDSQueryError(f"nothing to segment: {detail}", 18)
+        raise BIDSQueryError(f"nothing to segment: {detail}")
     return jobs, problems
 
 

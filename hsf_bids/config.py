@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import uuid
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -16,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from hsf_bids import __version__
+from hsf_bids.atomic import atomic_file
 from hsf_bids.hub.presets import DEFAULT_PRESET
 from hsf_bids.vocabulary import CONTRASTS, ENGINES
 
@@ -87,10 +87,8 @@ class RunConfig:
 
     def write(self, path: Path) -> None:
         """Write the settings as JSON (atomically: a reader never sees half a file)."""
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")
-        os.replace(tmp, path)
+        with atomic_file(path) as tmp:
+            tmp.write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")
 
     @property
     def log_dir(self) -> Path:

@@ -18,6 +18,8 @@ from nibabel.orientations import (
     ornt_transform,
 )
 
+from hsf_bids.errors import EX_DATAERR, HsfBidsError
+
 __all__ = [
     "InvalidImageError",
     "load_anat",
@@ -35,8 +37,10 @@ MAX_VOXEL_MM = 12.0
 _MIN_ABS_COS = 1e-3
 
 
-class InvalidImageError(ValueError):
+class InvalidImageError(HsfBidsError, ValueError):
     """An input image that cannot be segmented; the message names the file and the problem."""
+
+    exit_code = EX_DATAERR
 
 
 def image_name(img: nib.spatialimages.SpatialImage) -> str:

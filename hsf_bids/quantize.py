@@ -22,12 +22,12 @@ template crops and from 0.951 to 0.985 on ds-mini's sub-02 T2w (NNCF 3.4.0, Open
 from __future__ import annotations
 
 import logging
-import os
-import secrets
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from hsf_bids.atomic import atomic_files
+from hsf_bids.errors import EX_USAGE, HsfBidsError
 
 __all__ = [
     "INT8_FOLDER",
@@ -50,8 +50,10 @@ QUANTIZATION = {
 }
 
 
-class QuantizeUnavailableError(RuntimeError):
+class QuantizeUnavailableError(HsfBidsError, RuntimeError):
     """NNCF is not installed."""
+
+    exit_code = EX_USAGE
 
 
 @dataclass(frozen=True)
@@ -155,15 +157,9 @@ def quantize_model(
     )
     _stable_names(quantized)
     xml, bin_, record_path = int8_paths(folder, onnx_path.name)
-    xml.parent.mkdir(parents=True, exist_ok=True)
-    staging = xml.parent / f".tmp-{os.getpid()}-{secrets.token_hex(4)}"
-    staging.mkdir()
-    try:
-        ov.save_model(quantized, str(staging / xml.name), compress_to_fp16=False)
-        os.replace(staging / bin_.name, bin_)
-        os.replace(staging / xml.name, xml)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+    # OpenVINO writes the .bin beside the .xml, named after it: the two temporary names match.
+    with atomic_files(bin_, xml) as (_, tmp_xml):
+        ov.save_model(quantized, str(tmp_xml), compress_to_fp16=False)
     record = {
         "source": onnx_path.name,
         "source_xxh3_64": model_xxh3_64,

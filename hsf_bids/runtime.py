@@ -24,6 +24,8 @@ from collections.abc import MutableMapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from hsf_bids.errors import EX_CANTCREAT, HsfBidsError
+
 __all__ = [
     "CACHE_VARIABLES",
     "QUIET_VARIABLES",
@@ -46,8 +48,10 @@ QUIET_VARIABLES: dict[str, str] = {
 PREFIX = "hsf_bids-"
 
 
-class RuntimeEnvironmentError(RuntimeError):
+class RuntimeEnvironmentError(HsfBidsError, RuntimeError):
     """Neither the temporary folder nor the work folder can hold this run's temporary files."""
+
+    exit_code = EX_CANTCREAT
 
 
 @dataclass(frozen=True)

@@ -15,6 +15,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
+from hsf_bids.errors import EX_NOINPUT, HsfBidsError
 from hsf_bids.vocabulary import CONTRASTS
 
 __all__ = [
@@ -33,8 +34,10 @@ TEMPLATE = "MNI152NLin2009cSym"
 HIPPOCAMPUS_LABELS: dict[str, int] = {"right": 48, "left": 99}
 
 
-class TemplateError(RuntimeError):
+class TemplateError(HsfBidsError, RuntimeError):
     """A template file is missing and could not be fetched, or is unreadable."""
+
+    exit_code = EX_NOINPUT
 
 
 def templateflow_home() -> Path:

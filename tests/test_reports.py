@@ -331,7 +331,7 @@ def test_a_broken_localisation_is_flagged_visibly(participant_out, chromium, tmp
 
 @pytest.mark.slow
 def test_reports_only_writes_the_reports_again_without_running(participant_out, tmp_path):
-    from hsf_bids.cli import exit_codes as ex
+    from hsf_bids import errors as ex
     from hsf_bids.cli.participant import run_participant
     from hsf_bids.config import RunConfig
 

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import sys
+import logging
 
 import pandas as pd
 
-from hsf_bids.cli import exit_codes as ex
+from hsf_bids import errors as ex
 from hsf_bids.config import RunConfig
 from hsf_bids.group.report import render_group_report
 from hsf_bids.group.tables import (
@@ -51,9 +51,7 @@ _FLAG_DESCRIPTIONS = {
     "flag_asymmetry": {"Description": "True when |asymmetry_z| > 3.5"},
 }
 
-
-def _say(message: str) -> None:
-    print(f"hsf-bids: {message}", file=sys.stderr)
+LOGGER = logging.getLogger(__name__)
 
 
 def _wide_dictionary(wide: pd.DataFrame, known: dict) -> dict[str, dict[str, object]]:
@@ -79,8 +77,8 @@ def run_group(config: RunConfig) -> int:
     try:
         long = read_volumes(volumes_files(out, config.participant_labels), out)
     except GroupInputError as exc:
-        _say(f"error: {exc}")
-        return exc.exit_code
+        LOGGER.error("%s", exc)
+        return ex.exit_code(exc)
     long = add_flags(long)
     wide = wide_table(long)
     status = subject_status(out, config.bids_dir, config.participant_labels)
@@ -112,11 +110,11 @@ def run_group(config: RunConfig) -> int:
     write_bidsignore(out)
 
     n_flagged = int((wide["n_flags"] > 0).sum())
-    _say(
-        f"group tables of {len(wide)} image(s) in {out / WIDE_TSV} and {out / LONG_TSV}; "
-        f"{n_flagged} flagged; report {out / REPORT_HTML}"
+    LOGGER.info(
+        "group tables of %d image(s) in %s and %s; %d flagged; report %s",
+        len(wide), out / WIDE_TSV, out / LONG_TSV, n_flagged, out / REPORT_HTML,
     )
     for row in failures.itertuples():
-        _say(f"warning: {row.participant_id} {row.status}: {row.reason}")
+        LOGGER.warning("%s %s: %s", row.participant_id, row.status, row.reason)
     return ex.EX_OK
 

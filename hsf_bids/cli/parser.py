@@ -8,9 +8,11 @@ from pathlib import Path
 from typing import NoReturn
 
 from hsf_bids import __version__
-from hsf_bids.cli.exit_codes import EX_USAGE
 from hsf_bids.config import CONTRAST_CHOICES, DEFAULT_PRESET, ENGINE_CHOICES
+from hsf_bids.errors import EX_USAGE
 from hsf_bids.vocabulary import CA_MODES, DEVICES, FUSIONS, PRECISIONS
+
+PROG = "hsf-bids"
 
 
 class _Parser(argparse.ArgumentParser):
@@ -55,7 +57,7 @@ def _ca_mode(text: str) -> str:
 def build_parser() -> argparse.ArgumentParser:
     """All options of ``hsf-bids``."""
     p = _Parser(
-        prog="hsf-bids",
+        prog=PROG,
         description=(
             "Hippocampal subfield segmentation (dentate gyrus, CA1, CA2, CA3, subiculum) of T1w "
             "and "

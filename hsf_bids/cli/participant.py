@@ -9,10 +9,10 @@ thread while the first registration runs. The run's own phases are timed into
 from __future__ import annotations
 
 import logging
-import sys
 import threading
 from pathlib import Path
 
+from hsf_bids import errors as ex
 from hsf_bids.bids import (
     BIDSQueryError,
     PendingValidation,
@@ -20,16 +20,11 @@ from hsf_bids.bids import (
     collect_jobs,
     start_validation,
 )
-from hsf_bids.cli import exit_codes as ex
 from hsf_bids.config import RunConfig
 from hsf_bids.logs import crash_files, crash_reason
 from hsf_bids.timing import StageTimer
 
-LOGGER = logging.getLogger("hsf_bids")
-
-
-def _say(message: str) -> None:
-    print(f"hsf-bids: {message}", file=sys.stderr)
+LOGGER = logging.getLogger(__name__)
 
 
 def _start_validation(config: RunConfig) -> PendingValidation | None:
@@ -39,7 +34,7 @@ def _start_validation(config: RunConfig) -> PendingValidation | None:
     try:
         return start_validation(config.bids_dir)
     except FileNotFoundError as exc:
-        _say(f"warning: BIDS validation skipped: {exc}")
+        LOGGER.warning("BIDS validation skipped: %s", exc)
         return None
 
 
@@ -61,13 +56,13 @@ def _validate_input(pending: PendingValidation | None) -> int | None:
     try:
         errors, _ = pending.result()
     except RuntimeError as exc:
-        _say(f"warning: BIDS validation skipped: {exc}")
+        LOGGER.warning("BIDS validation skipped: %s", exc)
         return None
     if errors:
-        _say(
-            f"error: the input dataset {pending.path} is not valid BIDS "
-            f"({len(errors)} kind(s) of error); fix it or pass --skip-bids-validation:\n  "
-            + "\n  ".join(errors)
+        LOGGER.error(
+            "the input dataset %s is not valid BIDS (%d kind(s) of error); fix it or pass "
+            "--skip-bids-validation:\n  %s",
+            pending.path, len(errors), "\n  ".join(errors),
         )
         return ex.EX_BIDS_INVALID
     return None
@@ -93,12 +88,12 @@ def _check_images(jobs: list[SegmentationJob]) -> tuple[list[SegmentationJob], l
         primary = problem(job.image.path)
         if primary:
             invalid.append(primary)
-            _say(f"error: {primary}; {job.image.name} is not segmented")
+            LOGGER.error("%s; %s is not segmented", primary, job.image.name)
             continue
         secondary = problem(job.secondary.path) if job.secondary else None
         if secondary:
             invalid.append(secondary)
-            _say(f"error: {secondary}; {job.image.name} is segmented without it")
+            LOGGER.error("%s; %s is segmented without it", secondary, job.image.name)
             job = SegmentationJob(job.image)
         usable.append(job)
     return usable, invalid
@@ -140,26 +135,6 @@ def _plan(config: RunConfig, preset, model_paths: list[Path]):  # noqa: ANN001, 
     return plan
 
 
-def _hub_exit_code(exc: Exception) -> int:
-    from hsf_bids.hub import (
-        ChecksumError,
-        DownloadError,
-        HubNotFoundError,
-        ModelsMissingError,
-        UnknownPresetError,
-    )
-
-    if isinstance(exc, UnknownPresetError):
-        return ex.EX_USAGE
-    if isinstance(exc, HubNotFoundError | ModelsMissingError):
-        return ex.EX_NOINPUT
-    if isinstance(exc, ChecksumError):
-        return ex.EX_DATAERR
-    if isinstance(exc, DownloadError | OSError):
-        return ex.EX_IOERR
-    return ex.EX_DATAERR  # an invalid hub file
-
-
 def run_participant(config: RunConfig) -> int:
     """Segment every selected image; returns the BIDS Apps exit code."""
     from hsf_bids.engines import EngineError
@@ -193,12 +168,12 @@ def run_participant(config: RunConfig) -> int:
         if code is not None:
             return code
     if isinstance(query_error, BIDSQueryError):
-        _say(f"error: {query_error}")
-        return query_error.exit_code
+        LOGGER.error("%s", query_error)
+        return ex.exit_code(query_error)
     if query_error is not None:
         raise query_error
     for reason in without:
-        _say(f"error: {reason}")
+        LOGGER.error("%s", reason)
     jobs, invalid = _check_images(jobs)
     phases.lap("check_images")
     if not jobs:
@@ -208,22 +183,21 @@ def run_participant(config: RunConfig) -> int:
         preset, model_paths = _models(config)
         phases.lap("models")
     except (HubError, ModelsError, OSError) as exc:
-        _say(f"error: {exc}")
-        return _hub_exit_code(exc)
+        LOGGER.error("%s", exc)
+        return ex.exit_code(exc)
     try:
         _check_templates(jobs)
     except TemplateError as exc:
-        _say(f"error: {exc}")
-        return ex.EX_NOINPUT
+        LOGGER.error("%s", exc)
+        return ex.exit_code(exc)
     phases.lap("templates")
     try:
         plan = _plan(config, preset, model_paths)
-    except TemplateError as exc:  # the agreement gate's calibration crops need both templates
-        _say(f"error: {exc}")
-        return ex.EX_NOINPUT
-    except (EngineError, ValueError) as exc:
-        _say(f"error: {exc}")
-        return ex.EX_USAGE
+    except (TemplateError, EngineError, ValueError) as exc:
+        # TemplateError: the agreement gate's calibration crops need both templates;
+        # ValueError: options the engines refuse
+        LOGGER.error("%s", exc)
+        return ex.exit_code(exc, default=ex.EX_USAGE)
     phases.lap("engine_plan")
 
     from hsf_bids.outputs import DerivativesError, LutConflictError
@@ -231,8 +205,8 @@ def run_participant(config: RunConfig) -> int:
     try:
         failed = _run_workflow(config, jobs, preset, plan, phases)
     except (LutConflictError, DerivativesError) as exc:
-        _say(f"error: {exc}")
-        return ex.EX_CANTCREAT
+        LOGGER.error("%s", exc)
+        return ex.exit_code(exc)
     _report(config, jobs, failed)
     _write_reports(config, jobs)
     phases.lap("reports")
@@ -254,7 +228,7 @@ def _write_shared_files(config: RunConfig, ca_mode: str) -> None:
         config.output_dir, version=config.version, source_dataset=config.bids_dir
     )
     if warning:
-        _say(f"warning: {warning}")
+        LOGGER.warning("%s", warning)
     write_lut(lut_path(config.output_dir), ca_mode)
     write_bidsignore(config.output_dir)
 
@@ -296,7 +270,7 @@ def _run_workflow(
         try:
             wf.write_graph(graph2use="colored", format="svg", simple_form=True)
         except Exception as exc:  # graphviz missing: the graph is optional
-            _say(f"warning: could not write the workflow graph: {exc}")
+            LOGGER.warning("could not write the workflow graph: %s", exc)
     phases.lap("workflow_build")
     try:
         wf.run(plugin=config.plugin, plugin_args=config.plugin_args)
@@ -339,10 +313,12 @@ def _prefetch_sessions(seg) -> threading.Thread:  # noqa: ANN001 - workflows Seg
 def _report(config: RunConfig, jobs: list[SegmentationJob], failed: dict[str, list[Path]]) -> None:
     done = sorted({f"sub-{j.subject}" for j in jobs} - set(failed))
     if done:
-        _say(f"finished {', '.join(done)}; outputs in {config.output_dir}")
+        LOGGER.info("finished %s; outputs in %s", ", ".join(done), config.output_dir)
     for subject, crashfiles in sorted(failed.items()):
         for crashfile in crashfiles:
-            _say(f"error: {subject} failed: {crash_reason(crashfile)}; details in {crashfile}")
+            LOGGER.error(
+                "%s failed: %s; details in %s", subject, crash_reason(crashfile), crashfile
+            )
 
 
 def _write_reports(config: RunConfig, jobs: list[SegmentationJob]) -> None:
@@ -361,9 +337,9 @@ def _write_reports(config: RunConfig, jobs: list[SegmentationJob]) -> None:
         expected=expected,
     )  # fmt: skip
     for message in errors.values():
-        _say(f"warning: {message}")
+        LOGGER.warning("%s", message)
     if written:
-        _say(f"reports: {', '.join(str(p) for p in written.values())}")
+        LOGGER.info("reports: %s", ", ".join(str(p) for p in written.values()))
 
 
 def _reports_only(config: RunConfig) -> int:
@@ -376,14 +352,14 @@ def _reports_only(config: RunConfig) -> int:
     wanted = [label.removeprefix("sub-") for label in config.participant_labels] or found
     unknown = [label for label in wanted if label not in found]
     for label in unknown:
-        _say(f"error: no outputs of sub-{label} in {config.output_dir}")
+        LOGGER.error("no outputs of sub-%s in %s", label, config.output_dir)
     written, errors = write_reports(
         config.output_dir, [label for label in wanted if label in found], bids_dir=config.bids_dir
     )
     for message in errors.values():
-        _say(f"error: {message}")
+        LOGGER.error("%s", message)
     if written:
-        _say(f"reports: {', '.join(str(p) for p in written.values())}")
+        LOGGER.info("reports: %s", ", ".join(str(p) for p in written.values()))
     if unknown or errors or not written:
         return ex.EX_NOINPUT
     return ex.EX_OK

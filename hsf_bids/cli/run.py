@@ -1,7 +1,8 @@
 """``hsf-bids``: check the arguments, build one workflow per subject and session, run it.
 
-Every error a user can cause ends here as one clear message and a BIDS Apps exit code, never a
-traceback.
+Every error a user can cause ends here as one clear message on the console
+(:mod:`hsf_bids.cli.messages`) and the BIDS Apps exit code it carries (:mod:`hsf_bids.errors`),
+never a traceback.
 """
 
 from __future__ import annotations
@@ -13,19 +14,13 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from hsf_bids.cli import exit_codes as ex
-from hsf_bids.cli.parser import build_parser
+from hsf_bids import errors as ex
+from hsf_bids.cli.messages import setup_console, verbosity_level
+from hsf_bids.cli.parser import PROG, build_parser
 from hsf_bids.config import DEFAULT_BATCH_SIZE, DEFAULT_PRESET, RunConfig
+from hsf_bids.errors import UsageError
 
-LOGGER = logging.getLogger("hsf_bids")
-
-
-class UsageError(Exception):
-    """A problem with the command line or the environment, with the exit code to end with."""
-
-    def __init__(self, message: str, exit_code: int = ex.EX_USAGE) -> None:
-        super().__init__(message)
-        self.exit_code = exit_code
+LOGGER = logging.getLogger(__name__)
 
 
 def _is_within(path: Path, parent: Path) -> bool:
@@ -38,11 +33,13 @@ def _check_folders(bids_dir: Path, output_dir: Path, work_dir: Path, level: str)
     The group level reads what the participant level wrote, so its output folder must exist.
     """
     if not bids_dir.is_dir():
-        raise UsageError(f"the BIDS folder {bids_dir} does not exist", ex.EX_NOINPUT)
+        raise UsageError(
+            f"the BIDS folder {bids_dir} does not exist", exit_code=ex.EX_NOINPUT
+        )
     if not (bids_dir / "dataset_description.json").is_file():
         raise UsageError(
             f"{bids_dir} is not a BIDS dataset: {bids_dir / 'dataset_description.json'} is missing",
-            ex.EX_NOINPUT,
+            exit_code=ex.EX_NOINPUT,
         )
     suggestion = bids_dir / "derivatives" / "hsf_bids"
     if output_dir == bids_dir:
@@ -65,7 +62,7 @@ def _check_folders(bids_dir: Path, output_dir: Path, work_dir: Path, level: str)
             raise UsageError(
                 f"no participant results in {output_dir}: the folder does not exist; "
                 "run the participant level first",
-                ex.EX_NOINPUT,
+                exit_code=ex.EX_NOINPUT,
             )
         return
     for folder, what in ((output_dir, "output"), (work_dir, "work")):
@@ -73,10 +70,13 @@ def _check_folders(bids_dir: Path, output_dir: Path, work_dir: Path, level: str)
             folder.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise UsageError(
-                f"cannot create the {what} folder {folder}: {exc.strerror}", ex.EX_CANTCREAT
+                f"cannot create the {what} folder {folder}: {exc.strerror}",
+                exit_code=ex.EX_CANTCREAT,
             ) from exc
         if not os.access(folder, os.W_OK):
-            raise UsageError(f"the {what} folder {folder} is not writable", ex.EX_CANTCREAT)
+            raise UsageError(
+                f"the {what} folder {folder} is not writable", exit_code=ex.EX_CANTCREAT
+            )
 
 
 def _plugin(path: Path | None, nprocs: int, omp_nthreads: int, mem_gb: float | None):  # noqa: ANN202
@@ -107,7 +107,7 @@ def build_config(argv: Sequence[str] | None = None) -> RunConfig:
     if opts.analysis_level not in ("participant", "group"):
         raise UsageError(
             f"unknown analysis level {opts.analysis_level!r}: use 'participant' or 'group'",
-            ex.EX_UNKNOWN_LEVEL,
+            exit_code=ex.EX_UNKNOWN_LEVEL,
         )
     if opts.preset and opts.hub:
         raise UsageError("--preset and --hub are exclusive: a hub file is a preset")
@@ -131,7 +131,7 @@ def build_config(argv: Sequence[str] | None = None) -> RunConfig:
     plugin, plugin_args = _plugin(opts.use_plugin, nprocs, omp, opts.mem_gb)
     hub = opts.hub.expanduser().resolve() if opts.hub else None
     if hub is not None and not hub.is_file():
-        raise UsageError(f"the hub file {hub} does not exist", ex.EX_NOINPUT)
+        raise UsageError(f"the hub file {hub} does not exist", exit_code=ex.EX_NOINPUT)
     return RunConfig(
         bids_dir=bids_dir,
         output_dir=output_dir,
@@ -166,30 +166,25 @@ def build_config(argv: Sequence[str] | None = None) -> RunConfig:
     )
 
 
-def _setup_logging(verbosity: int) -> None:
-    level = logging.WARNING - 10 * min(verbosity + 1, 2)  # default INFO, -v DEBUG
-    logging.basicConfig(level=level, format="%(asctime)s %(name)s %(levelname)s: %(message)s")
-    logging.getLogger("nipype.workflow").setLevel(logging.INFO if verbosity else logging.WARNING)
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``hsf-bids``; returns the exit code."""
+    setup_console(PROG)
     try:
         config = build_config(argv)
-    except UsageError as exc:
-        print(f"hsf-bids: error: {exc}", file=sys.stderr)
-        return exc.exit_code
-    except ValueError as exc:  # a filter file or another input the parser read
-        print(f"hsf-bids: error: {exc}", file=sys.stderr)
-        return getattr(exc, "exit_code", ex.EX_USAGE)
-    _setup_logging(config.verbosity)
+    except (ex.HsfBidsError, ValueError) as exc:  # ValueError: an option RunConfig refuses
+        LOGGER.error("%s", exc)
+        return ex.exit_code(exc, default=ex.EX_USAGE)
+    setup_console(PROG, verbosity_level(config.verbosity))
+    logging.getLogger("nipype.workflow").setLevel(
+        logging.INFO if config.verbosity else logging.WARNING
+    )
     from hsf_bids.runtime import RuntimeEnvironmentError, prepare_runtime
 
     try:  # before any library that writes to $HOME or phones home is imported
         prepare_runtime(config.work_dir)
     except RuntimeEnvironmentError as exc:
-        print(f"hsf-bids: error: {exc}", file=sys.stderr)
-        return ex.EX_CANTCREAT
+        LOGGER.error("%s", exc)
+        return ex.exit_code(exc)
     if config.analysis_level == "group":
         from hsf_bids.cli.group import run_group
 

@@ -8,6 +8,8 @@ from typing import Protocol, runtime_checkable
 
 import numpy as np
 
+from hsf_bids.errors import EX_USAGE, HsfBidsError
+
 
 @runtime_checkable
 class Session(Protocol):
@@ -31,8 +33,11 @@ class Session(Protocol):
         ...
 
 
-class EngineError(RuntimeError):
-    """Base class of the errors raised by the inference engines."""
+class EngineError(HsfBidsError, RuntimeError):
+    """Base class of the errors raised by the inference engines (a usage error: the engine,
+    precision or device asked for cannot run these models here)."""
+
+    exit_code = EX_USAGE
 
 
 class EngineUnavailableError(EngineError):

@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from hsf_bids.errors import EX_NOINPUT, HsfBidsError
 from hsf_bids.logs import crash_files, crash_reason, latest_run_dir
 from hsf_bids.outputs.read import has_volumes, read_sidecar, sidecar_of_source, volumes_tables
 from hsf_bids.outputs.volumes import MIN_PLAUSIBLE_HC_MM3
@@ -35,12 +36,10 @@ STATUS_COLUMNS = ["participant_id", "status", "run_id", "reason", "crash_file"]
 FLAG_COLUMNS = ("flag_localisation", "flag_uncertainty", "flag_volume", "flag_asymmetry")
 
 
-class GroupInputError(ValueError):
-    """The output folder holds nothing the group level can use; ``exit_code`` per BIDS Apps."""
+class GroupInputError(HsfBidsError, ValueError):
+    """The output folder holds nothing the group level can use."""
 
-    def __init__(self, message: str, exit_code: int = 66) -> None:
-        super().__init__(message)
-        self.exit_code = exit_code
+    exit_code = EX_NOINPUT
 
 
 def volumes_files(output_dir: Path, participants: Sequence[str] = ()) -> list[Path]:

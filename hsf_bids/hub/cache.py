@@ -17,6 +17,7 @@ from pathlib import Path
 
 import platformdirs
 
+from hsf_bids.errors import EX_NOINPUT
 from hsf_bids.hub.download import ChecksumError, ModelsError, download_file, xxh3_64_file
 from hsf_bids.hub.presets import ModelFile, Preset
 
@@ -41,6 +42,8 @@ class ModelsMissingError(ModelsError):
 
     ``missing`` holds the offending :class:`ModelStatus` entries; ``command`` the fetch command.
     """
+
+    exit_code = EX_NOINPUT
 
     def __init__(self, message: str, missing: tuple[ModelStatus, ...], command: str) -> None:
         super().__init__(message)

@@ -1,56 +1,52 @@
 """``hsf-bids-models``: list, fetch and verify the model files of presets and hub files; make
 their int8 versions (``quantize``) and measure the agreement gate (``check``).
 
-Exit codes: 0 success; 1 a checksum mismatch (or, for ``verify`` of one preset, a missing file);
-64 usage error (bad option, unknown preset); 65 invalid hub file; 66 hub file or one of its local
-model files missing; 74 network or I/O error.
+Results go to standard output; errors, one line each, to the console channel of
+:mod:`hsf_bids.cli.messages`. Exit codes (:mod:`hsf_bids.errors`): 0 success; 1 a checksum
+mismatch (or, for ``verify`` of one preset, a missing file); 64 usage error (bad option, unknown
+preset); 65 invalid hub file; 66 hub file or one of its local model files missing; 74 network or
+I/O error.
 """
 
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from hsf_bids import errors as ex
+from hsf_bids.cli.messages import setup_console
 from hsf_bids.hub.cache import (
     MODELS_DIR_ENV,
     FileState,
-    ModelsMissingError,
     ensure_models,
     fetch_command,
     resolve_models_dir,
     verify_models,
 )
-from hsf_bids.hub.download import ChecksumError, DownloadError
+from hsf_bids.hub.download import ChecksumError
 from hsf_bids.hub.presets import (
     DEFAULT_PRESET,
-    HubError,
-    HubNotFoundError,
     Preset,
-    UnknownPresetError,
     list_presets,
     load_hub,
     load_preset,
 )
 
-EXIT_OK = 0
-EXIT_CHECKSUM = 1
-EXIT_USAGE = 64
-EXIT_DATAERR = 65
-EXIT_NOINPUT = 66
-EXIT_IOERR = 74
-
 PROG = "hsf-bids-models"
+# For this command a model file is what it verifies: a wrong checksum is a failed verification,
+# as for ``verify`` (the participant level, which reads the models as input data, says 65).
+EX_CHECKSUM = ex.EX_FAILURE
 
-
-class _UsageError(Exception):
-    pass
+LOGGER = logging.getLogger("hsf_bids.hub.cli")  # not __name__: also run as __main__
 
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str):  # noqa: D102 - argparse hook
-        raise _UsageError(f"{self.prog}: error: {message} (see --help)")
+        # argparse's own channel, as ``hsf-bids``'s parser: one line (no usage), exit code 64
+        self.exit(ex.EX_USAGE, f"{self.prog}: error: {message} (see --help)\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -175,7 +171,7 @@ def _cmd_list(args: argparse.Namespace, models_dir: Path) -> int:
             print(f"  - {model.name}  xxh3_64 {model.xxh3_64}  {_size(model.size)}  [{state}]")
             print(f"      url:  {model.url}")
             print(f"      path: {status.path}")
-    return EXIT_OK
+    return ex.EX_OK
 
 
 def _cmd_fetch(args: argparse.Namespace, models_dir: Path) -> int:
@@ -185,7 +181,7 @@ def _cmd_fetch(args: argparse.Namespace, models_dir: Path) -> int:
         print(f"{preset.name}: {len(paths)} model file(s) present and verified")
         for path in paths:
             print(f"  {path}")
-    return EXIT_OK
+    return ex.EX_OK
 
 
 def _cmd_verify(args: argparse.Namespace, models_dir: Path) -> int:
@@ -210,14 +206,14 @@ def _cmd_verify(args: argparse.Namespace, models_dir: Path) -> int:
         again = (
             fetch_command(presets[0], models_dir) if len(presets) == 1 else f"{PROG} fetch --all"
         )
-        print(f"{PROG}: verification failed; fetch again with: {again}", file=sys.stderr)
-        return EXIT_CHECKSUM
-    return EXIT_OK
+        LOGGER.error("verification failed; fetch again with: %s", again)
+        return EX_CHECKSUM
+    return ex.EX_OK
 
 
 def _threads(args: argparse.Namespace) -> int | None:
     if args.threads is not None and args.threads < 1:
-        raise _UsageError(f"{PROG}: error: --threads must be >= 1")
+        raise ex.UsageError("--threads must be >= 1")
     return args.threads
 
 
@@ -269,7 +265,7 @@ def _cmd_quantize(args: argparse.Namespace, models_dir: Path) -> int:
                 for path in int8_paths(folder, agreement.model):
                     path.unlink(missing_ok=True)
                 print(f"  {agreement.model}: int8 version removed (fails the gate)")
-    return EXIT_OK
+    return ex.EX_OK
 
 
 def _cmd_check(args: argparse.Namespace, models_dir: Path) -> int:
@@ -286,9 +282,7 @@ def _cmd_check(args: argparse.Namespace, models_dir: Path) -> int:
         for path in args.images:
             found = [c for c in ("T1w", "T2w") if path.name.split(".")[0].endswith(f"_{c}")]
             if not found:
-                raise _UsageError(
-                    f"{PROG}: error: {path}: the file name must end with _T1w or _T2w"
-                )
+                raise ex.UsageError(f"{path}: the file name must end with _T1w or _T2w")
             contrasts.append(found[0])
         crops = image_crops(args.images, contrasts)
     for preset in _selected(args, default_all=False):
@@ -306,16 +300,23 @@ def _cmd_check(args: argparse.Namespace, models_dir: Path) -> int:
             print(f"  engine auto's rule on these measurements: {', '.join(best)}")
             for contrast, per in ensemble_dice(measurements, best).items():
                 print(f"  ensemble (fused labels), {contrast}: {_dice_text(per)}")
-    return EXIT_OK
+    return ex.EX_OK
+
+
+def _error_line(exc: BaseException) -> str:
+    """The one line an error is reported with."""
+    if isinstance(exc, KeyboardInterrupt):
+        return "interrupted"
+    if isinstance(exc, OSError):
+        return f"{exc.filename or ''}: {exc.strerror or exc}".lstrip(": ")
+    return str(exc).replace("\n", " ")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the command; returns the exit code (see the module docstring)."""
-    try:
-        args = build_parser().parse_args(argv)
-    except _UsageError as exc:
-        print(exc, file=sys.stderr)
-        return EXIT_USAGE
+    """Run the command; returns the exit code (see the module docstring). A usage error on the
+    command line exits from the parser (``SystemExit`` 64), as ``hsf-bids`` does."""
+    setup_console(PROG, logging.WARNING)
+    args = build_parser().parse_args(argv)
     commands = {
         "list": _cmd_list,
         "fetch": _cmd_fetch,
@@ -326,36 +327,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         models_dir = resolve_models_dir(args.models_dir)
         return commands[args.command](args, models_dir)
-    except UnknownPresetError as exc:
-        code, message = EXIT_USAGE, str(exc)
-    except HubNotFoundError as exc:
-        code, message = EXIT_NOINPUT, str(exc)
-    except HubError as exc:
-        code, message = EXIT_DATAERR, str(exc)
-    except ChecksumError as exc:
-        code, message = EXIT_CHECKSUM, str(exc)
-    except ModelsMissingError as exc:
-        code, message = EXIT_NOINPUT, str(exc).replace("\n", " ")
-    except DownloadError as exc:
-        code, message = EXIT_IOERR, str(exc)
-    except OSError as exc:
-        code, message = EXIT_IOERR, f"{exc.filename or ''}: {exc.strerror or exc}".lstrip(": ")
-    except _UsageError as exc:
-        print(exc, file=sys.stderr)
-        return EXIT_USAGE
-    except KeyboardInterrupt:
-        code, message = 130, "interrupted"
-    except Exception as exc:  # noqa: BLE001 - engines, NNCF, images: one line, no traceback
-        from hsf_bids.engines import EngineError
-        from hsf_bids.image import InvalidImageError
-        from hsf_bids.quantize import QuantizeUnavailableError
-
-        if not isinstance(exc, EngineError | InvalidImageError | QuantizeUnavailableError):
-            raise
-        code, message = (EXIT_DATAERR if isinstance(exc, InvalidImageError) else EXIT_USAGE,
-                         str(exc))  # fmt: skip
-    print(f"{PROG}: error: {message}", file=sys.stderr)
-    return code
+    except (ex.HsfBidsError, OSError, KeyboardInterrupt) as exc:
+        # engines, NNCF, images, hub files, downloads: one line, no traceback
+        LOGGER.error("%s", _error_line(exc))
+        return EX_CHECKSUM if isinstance(exc, ChecksumError) else ex.exit_code(exc)
 
 
 if __name__ == "__main__":

@@ -1,19 +1,16 @@
 """Download one model file: streamed, retried, verified, then renamed into place atomically.
 
-The file is written to ``.<name>.part-<random>`` in the destination folder, its XXH3-64 checked,
-and only then ``os.replace``-d to its final name, so a reader never sees a partial or wrong file and
-concurrent processes fetching the same file cannot corrupt each other (the last rename wins, and
-every candidate was verified).
+The file is written to a hidden temporary file in the destination folder
+(:func:`hsf_bids.atomic.atomic_file`), its XXH3-64 checked, and only then renamed to its final
+name, so a reader never sees a partial or wrong file and concurrent processes fetching the same
+file cannot corrupt each other (the last rename wins, and every candidate was verified).
 """
 
 from __future__ import annotations
 
-import contextlib
 import http.client
-import os
 import socket
 import sys
-import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -23,6 +20,8 @@ from pathlib import Path
 import xxhash
 
 from hsf_bids import __version__
+from hsf_bids.atomic import atomic_file
+from hsf_bids.errors import EX_DATAERR, EX_IOERR, HsfBidsError
 
 __all__ = [
     "CHUNK",
@@ -37,12 +36,16 @@ CHUNK = 1 << 20
 _USER_AGENT = f"hsf_bids/{__version__} (+model download)"
 
 
-class ModelsError(RuntimeError):
+class ModelsError(HsfBidsError, RuntimeError):
     """Base class of the errors about model files (download, checksum, missing)."""
+
+    exit_code = EX_DATAERR
 
 
 class DownloadError(ModelsError):
     """A download failed (network error, HTTP error, truncated transfer) after any retries."""
+
+    exit_code = EX_IOERR
 
     def __init__(self, message: str, url: str, status: int | None = None) -> None:
         super().__init__(message)
@@ -51,7 +54,10 @@ class DownloadError(ModelsError):
 
 
 class ChecksumError(ModelsError):
-    """A file's XXH3-64 does not match the one its preset publishes."""
+    """A file's XXH3-64 does not match the one its preset publishes (an invalid input file,
+    65; ``hsf-bids-models`` reports it as a failed verification, 1)."""
+
+    exit_code = EX_DATAERR
 
     def __init__(self, message: str, path: Path, expected: str, got: str) -> None:
         super().__init__(message)
@@ -169,11 +175,9 @@ def download_file(
     :class:`ChecksumError` (expected vs got, URL), other failures :class:`DownloadError`.
     """
     dest = Path(dest)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{dest.name}.part-", dir=dest.parent)
-    tmp = Path(tmp_name)
-    try:
-        with os.fdopen(fd, "w+b") as out:
+    # Models are shared read-only data: 0644, whatever the umask.
+    with atomic_file(dest, mode=0o644) as tmp:
+        with open(tmp, "w+b") as out:
             attempt = 0
             while True:
                 try:
@@ -186,8 +190,6 @@ def download_file(
                         ) from exc
                     sleep(backoff * 2**attempt)
                     attempt += 1
-            out.flush()
-            os.fsync(out.fileno())
         got = xxh3_64_file(tmp)
         if got != xxh3_64:
             raise ChecksumError(
@@ -197,10 +199,4 @@ def download_file(
                 xxh3_64,
                 got,
             )
-        # mkstemp creates 0600; models are shared read-only data.
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, dest)
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
     return dest

@@ -40,6 +40,7 @@ from urllib.parse import unquote, urlsplit
 
 import yaml
 
+from hsf_bids.errors import EX_DATAERR, EX_NOINPUT, EX_USAGE, HsfBidsError
 from hsf_bids.vocabulary import CA_MODES
 
 __all__ = [
@@ -85,16 +86,22 @@ _MODEL_KEYS = {"url", "xxh3_64", "size"}
 _SEGMENTATION_KEYS = {"test_time_augmentation", "test_time_num_aug"}
 
 
-class HubError(ValueError):
+class HubError(HsfBidsError, ValueError):
     """A preset or hub file is invalid; the message names the file and what is wrong."""
+
+    exit_code = EX_DATAERR
 
 
 class HubNotFoundError(HubError):
     """The hub file given does not exist."""
 
+    exit_code = EX_NOINPUT
+
 
 class UnknownPresetError(HubError):
     """No shipped preset has the requested name."""
+
+    exit_code = EX_USAGE
 
 
 @dataclass(frozen=True)

@@ -25,7 +25,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import secrets
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, fields, replace
@@ -36,6 +35,9 @@ from typing import Any
 import nibabel as nib
 import numpy as np
 import pandas as pd
+
+from hsf_bids.atomic import atomic_file
+from hsf_bids.errors import EX_CANTCREAT, HsfBidsError
 
 __all__ = [
     "BIDSIGNORE_PATTERNS",
@@ -96,8 +98,10 @@ BIDSIGNORE_PATTERNS: tuple[str, ...] = (
 )
 
 
-class DerivativesError(RuntimeError):
+class DerivativesError(HsfBidsError, RuntimeError):
     """The output folder cannot take these derivatives."""
+
+    exit_code = EX_CANTCREAT
 
 
 class ForeignDerivativesError(DerivativesError):
@@ -386,27 +390,20 @@ def image_on_grid(
 
 @contextmanager
 def _atomic(path: str | PathLike[str]) -> Iterator[Path]:
-    """Yield a hidden temporary path next to ``path``; on success rename it over ``path``.
-
-    The temporary name keeps the real name as its end so format detection by extension works; the
-    leading dot hides it from the validator and from pybids if a crash ever leaves it behind.
-    """
+    """:func:`hsf_bids.atomic.atomic_file`, with its failures as :class:`OutputWriteError`
+    (which names the output file)."""
     path = Path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise OutputWriteError(path, f"cannot create folder {path.parent} ({exc})") from exc
-    tmp = path.with_name(f".tmp-{os.getpid()}-{secrets.token_hex(4)}-{path.name}")
     try:
-        yield tmp
-        with open(tmp, "rb") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException as exc:
-        tmp.unlink(missing_ok=True)
-        if isinstance(exc, Exception) and not isinstance(exc, OutputWriteError):
-            raise OutputWriteError(path, f"{type(exc).__name__}: {exc}") from exc
+        with atomic_file(path) as tmp:
+            yield tmp
+    except OutputWriteError:
         raise
+    except Exception as exc:
+        raise OutputWriteError(path, f"{type(exc).__name__}: {exc}") from exc
 
 
 def write_nifti(img: nib.Nifti1Image, path: str | PathLike[str]) -> Path:

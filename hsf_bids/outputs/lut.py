@@ -10,14 +10,17 @@ from pathlib import Path
 
 import pandas as pd
 
+from hsf_bids.errors import EX_CANTCREAT, HsfBidsError
 from hsf_bids.outputs.derivatives import write_tsv
 from hsf_bids.vocabulary import SIDES_BY_INDEX, WHOLE_HIPPOCAMPUS, bilateral_index, structures
 
 __all__ = ["LutConflictError", "lookup_table", "write_lut"]
 
 
-class LutConflictError(RuntimeError):
+class LutConflictError(HsfBidsError, RuntimeError):
     """An existing look-up table describes other labels than the one being written."""
+
+    exit_code = EX_CANTCREAT
 
 
 # Okabe & Ito's colour-blind-safe palette; neighbouring subfields get far-apart hues. Merged
