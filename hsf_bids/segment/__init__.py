@@ -5,7 +5,13 @@ Arrays in, arrays out: nothing here reads or writes files.
 """
 
 from .augment import HSF_TTA, Augmentation, TTASettings, sample_augmentation, sample_augmentations
-from .ensemble import CropSegmentation, InputCropError, ModelOutputError, segment_crop
+from .ensemble import (
+    CropSegmentation,
+    EnsembleSettings,
+    InputCropError,
+    ModelOutputError,
+    segment_crop,
+)
 from .fuse import (
     CA_MODES,
     FUSIONS,
@@ -26,6 +32,7 @@ __all__ = [
     "Augmentation",
     "ConstantCropError",
     "CropSegmentation",
+    "EnsembleSettings",
     "FusionAccumulator",
     "InputCropError",
     "ModelOutputError",
