@@ -248,3 +248,23 @@ def test_images_of_contrasts_the_models_refuse_are_skipped(dataset):
     kept, warnings = select_jobs(jobs, ("T2w",))
     assert kept == [SegmentationJob(jobs[1].secondary), jobs[2]]
     assert len(warnings) == 2 and "sub-01_T1w is not segmented" in warnings[0]
+
+
+def test_a_run_whose_images_the_models_refuse_stops_before_any_work(
+    capsys, ds_mini, demo_hub, tmp_path
+):
+    """sub-01 has a T1w only; a hub whose models accept T2w only segments nothing (exit 64),
+    with a warning naming the image."""
+    from hsf_bids.cli.run import main
+
+    text = demo_hub.read_text().replace('url: "demo_', f'url: "file://{demo_hub.parent}/demo_')
+    hub = tmp_path / "t2w_only.yaml"
+    hub.write_text("contrasts: [T2w]\n" + text)
+    code = main([str(ds_mini), str(tmp_path / "out"), "participant", "--participant-label", "01",
+                 "--hub", str(hub), "--skip-bids-validation", "-w", str(tmp_path / "work"),
+                 "--models-dir", str(tmp_path / "models")])  # fmt: skip
+    err = capsys.readouterr().err
+    assert code == 64, err
+    assert "warning: sub-01_T1w is not segmented: the models accept T2w only" in err
+    assert f"error: the models of {hub} accept T2w only" in err
+    assert not (tmp_path / "work").exists() or not list((tmp_path / "work").rglob("localise"))
