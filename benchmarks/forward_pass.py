@@ -1,7 +1,7 @@
 """Forward-pass benchmark of the inference engines on the demo models and a full-size ARUNet.
 
-For each model x engine/precision x batch size, a fresh Python process opens a session and times
-session creation, the first run and the median of N runs after warm-up on a seeded random crop,
+For each model x engine/precision x batch size, a fresh Python process loads a network and times
+loading, the first run and the median of N runs after warm-up on a seeded random crop,
 and reports its peak RSS (``VmHWM``), so configurations do not share memory or caches. Outputs are
 compared with onnxruntime fp32 on the same input (max |difference| of probabilities and argmax
 agreement). The result is a Markdown table headed by a description of the machine.
@@ -47,7 +47,7 @@ def worker(spec: dict) -> dict:
     """Run one configuration in this (fresh) process and return its measurements."""
     import importlib
 
-    from hsf_bids.engines import open_session
+    from hsf_bids.engines import open_network
 
     importlib.import_module(spec["engine"])  # the engine's own import cost is not the model's
     rss_imports = _peak_rss_mib()
@@ -55,27 +55,27 @@ def worker(spec: dict) -> dict:
     batch = rng.standard_normal((spec["batch"], 1, *spec["shape"]), dtype=np.float32)
 
     start = time.perf_counter()
-    session = open_session(
+    network = open_network(
         spec["model"], engine=spec["engine"], precision=spec["precision"], threads=spec["threads"]
     )
     create_s = time.perf_counter() - start
 
     start = time.perf_counter()
-    probs = session.run(batch)
+    probs = network.run(batch)
     first_s = time.perf_counter() - start
     if spec.get("save_output"):
         np.save(spec["save_output"], probs)
 
     for _ in range(spec["warmup"]):
-        session.run(batch)
+        network.run(batch)
     times = []
     for _ in range(spec["repeats"]):
         start = time.perf_counter()
-        session.run(batch)
+        network.run(batch)
         times.append(time.perf_counter() - start)
     return {
-        "ran_precision": session.precision,
-        "ran_device": session.device,
+        "ran_precision": network.precision,
+        "ran_device": network.device,
         "create_s": create_s,
         "first_s": first_s,
         "median_s": statistics.median(times) if times else float("nan"),

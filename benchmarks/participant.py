@@ -172,7 +172,7 @@ def prepare(args: argparse.Namespace, configs: list[tuple[str, str, str]]) -> di
         out["gate_s"] = time.perf_counter() - start
         out["plan"] = [r.choice for r in plan.runs]
     # OpenVINO's compiled-model cache (the first load of a model on a machine compiles it).
-    from hsf_bids.engines import open_session
+    from hsf_bids.engines import open_network
     from hsf_bids.engines.openvino import compile_cache_dir
 
     if compile_cache_dir() is not None:
@@ -187,7 +187,7 @@ def prepare(args: argparse.Namespace, configs: list[tuple[str, str, str]]) -> di
             if run.engine == "openvino":
                 loads.add((run.path, run.engine, run.precision))
         for path, engine, precision in sorted(loads):
-            open_session(path, engine=engine, precision=precision, threads=args.nprocs).close()
+            open_network(path, engine=engine, precision=precision, threads=args.nprocs).close()
         out["compile_s"] = time.perf_counter() - start
     return out
 
@@ -304,17 +304,17 @@ def bare_forward(model: Path, engine: str, precision: str, shape: tuple, threads
                  repeat: int) -> float:  # fmt: skip
     """Median seconds of one forward pass of ``model`` (an int8 version: its ``.xml``) on a
     seeded random ``[1, 1, *shape]``."""
-    from hsf_bids.engines import open_session
+    from hsf_bids.engines import open_network
 
-    session = open_session(model, engine=engine, precision=precision, threads=threads)
+    network = open_network(model, engine=engine, precision=precision, threads=threads)
     batch = np.random.default_rng(0).standard_normal((1, 1, *shape), dtype=np.float32)
-    session.run(batch)  # warm-up
+    network.run(batch)  # warm-up
     times = []
     for _ in range(repeat):
         start = time.perf_counter()
-        session.run(batch)
+        network.run(batch)
         times.append(time.perf_counter() - start)
-    session.close()
+    network.close()
     return statistics.median(times)
 
 

@@ -26,9 +26,11 @@ import nibabel as nib
 import numpy as np
 import pandas as pd
 
+from hsf_bids.engines.base import Network
 from hsf_bids.image import from_ras, load_anat, to_ras
 from hsf_bids.localisation import Box, crop, locate
 from hsf_bids.outputs.derivatives import write_json
+from hsf_bids.settings import SegmentationSettings
 from hsf_bids.timing import StageTimer
 from hsf_bids.vocabulary import SIDES
 
@@ -49,20 +51,21 @@ def localise(
     in_file: str | os.PathLike[str],
     contrast: str,
     out_dir: str | os.PathLike[str],
-    *,
-    seed: int,
-    margin: Sequence[int] | None = None,
+    settings: SegmentationSettings,
 ) -> Path:
     """Register the template to ``in_file`` and find both boxes; writes ``localisation.json``.
 
-    The JSON holds the boxes (RAS+ voxels of the input), the template-to-subject affine, the QC
-    values and checks, ``localisation_ok``, warnings and the registration schedule kept.
+    ``contrast`` picks the template; ``settings`` gives the seed and the box margin
+    (:meth:`~hsf_bids.settings.SegmentationSettings.box_margin`). The JSON holds the boxes
+    (RAS+ voxels of the input), the template-to-subject affine, the QC values and checks,
+    ``localisation_ok``, warnings and the registration schedule kept.
     """
     timer = StageTimer("localise")
     with timer.step("read"):
         ras, _ = _ras_image(in_file)
     with timer.step("register"):  # registration, boxes and QC
-        loc = locate(ras, contrast, margin=margin, seed=seed)
+        margin = settings.box_margin(np.linalg.norm(ras.affine[:3, :3], axis=0))
+        loc = locate(ras, contrast, margin=margin, seed=settings.seed)
     record = {"source": str(in_file), **loc.to_dict()}
     with timer.step("write"):
         path = write_json(record, Path(out_dir) / LOCALISATION_JSON)
@@ -74,11 +77,11 @@ def coregister(
     in_file: str | os.PathLike[str],
     reference_file: str | os.PathLike[str],
     out_dir: str | os.PathLike[str],
-    *,
-    seed: int,
+    settings: SegmentationSettings,
 ) -> Path:
-    """Register a second contrast to the reference image and resample it onto the reference's
-    RAS+ grid (linear); writes ``coregistered.nii.gz`` and the transform as JSON."""
+    """Register a second contrast to the reference image (seeded by ``settings.seed``) and
+    resample it onto the reference's RAS+ grid (linear); writes ``coregistered.nii.gz`` and the
+    transform as JSON."""
     from hsf_bids.segment.coregister import register_to, resample_to
 
     timer = StageTimer("coregister")
@@ -86,7 +89,7 @@ def coregister(
         moving, _ = _ras_image(in_file)
         fixed, _ = _ras_image(reference_file)
     with timer.step("register"):
-        moving_to_fixed = register_to(moving, fixed, seed=seed)
+        moving_to_fixed = register_to(moving, fixed, seed=settings.seed)
     out = Path(out_dir)
     with timer.step("write"):  # resampling included
         write_json(
@@ -105,12 +108,21 @@ def side_seed(seed: int, side: str) -> np.random.Generator:
     return np.random.default_rng(np.random.SeedSequence([int(seed), SIDES.index(side)]))
 
 
-def load_session(path: str | os.PathLike[str], choice: str, threads: int):  # noqa: ANN201
-    """The process's session of one model, run as ``choice`` (``engine/precision/device``)."""
-    from hsf_bids.engines import get_session
+def load_networks(settings: SegmentationSettings) -> list[Network]:
+    """The process's loaded network of each model of ``settings`` (loaded once per process,
+    :func:`hsf_bids.engines.load_network`), run as the model's ``engine/precision/device``."""
+    from hsf_bids.engines import load_network
 
-    engine, precision, device = choice.split("/")
-    return get_session(path, engine=engine, precision=precision, device=device, threads=threads)
+    networks = []
+    for model in settings.models:
+        engine, precision, device = model.choice.split("/")
+        networks.append(
+            load_network(
+                model.path, engine=engine, precision=precision, device=device,
+                threads=settings.threads,
+            )
+        )  # fmt: skip
+    return networks
 
 
 def segment_side(
@@ -118,24 +130,15 @@ def segment_side(
     localisation_file: str | os.PathLike[str],
     side: str,
     out_dir: str | os.PathLike[str],
-    *,
-    models: Sequence[str | os.PathLike[str]],
-    engines: Sequence[str],
-    threads: int,
-    ca_mode: str,
-    fusion: str,
-    seed: int,
-    test_time_augmentation: bool,
-    num_augmentations: int,
-    batch_size: int,
+    settings: SegmentationSettings,
 ) -> tuple[Path, Path]:
     """Segment one side's crop with every model; writes the crop's labels and uncertainty.
 
     ``in_files``: the image whose grid the outputs share, then optionally a second contrast
-    already on that image's RAS+ grid (:func:`coregister`). ``engines`` holds each model's
-    ``engine/precision/device`` (``hsf_bids.engines.plan.ModelRun.choice``). Outputs are NIfTI
-    crops (``labels.nii.gz`` uint8 in ``ca_mode`` labels, ``uncertainty.nii.gz`` float32) placed
-    in the world where the crop lies.
+    already on that image's RAS+ grid (:func:`coregister`). ``settings`` gives the models, how
+    each runs, and the ensemble's settings; the side's augmentations are seeded by
+    :func:`side_seed`. Outputs are NIfTI crops (``labels.nii.gz`` uint8 in ``ca_mode`` labels,
+    ``uncertainty.nii.gz`` float32) placed in the world where the crop lies.
     """
     from hsf_bids.segment import segment_crop
 
@@ -147,22 +150,10 @@ def segment_side(
         crops = [(crop(np.asarray(primary.dataobj), box), spacing)]
         for extra in in_files[1:]:
             crops.append((crop(np.asarray(nib.load(extra).dataobj), box), spacing))
-    # Waits here when the participant run is already loading them (prefetch_sessions).
+    # Waits here when the participant run is already loading them (_prefetch_networks).
     with timer.step("load_models"):
-        sessions = [
-            load_session(path, choice, threads)
-            for path, choice in zip(models, engines, strict=True)
-        ]
-    result = segment_crop(
-        crops,
-        sessions,
-        ca_mode=ca_mode,
-        test_time_augmentation=test_time_augmentation,
-        num_augmentations=num_augmentations,
-        fusion=fusion,
-        seed=side_seed(seed, side),
-        batch_size=batch_size,
-    )
+        networks = load_networks(settings)
+    result = segment_crop(crops, networks, settings.ensemble, seed=side_seed(settings.seed, side))
     for phase, seconds in result.timings.items():
         timer.add(phase, seconds)
     crop_affine = primary.affine.copy()
@@ -228,12 +219,14 @@ def write_derivatives(
     source_file: str | os.PathLike[str],
     sources: Sequence[str],
     output_dir: str | os.PathLike[str],
-    ca_mode: str,
     contrast: str,
-    provenance: Mapping[str, Any],
+    settings: SegmentationSettings,
     out_dir: str | os.PathLike[str],
 ) -> tuple[dict[str, Path], Path]:
     """Write the image's derivatives (atomically) and its rows of the volumes table.
+
+    ``contrast`` is what the volumes table calls the input (``T1w``, ``T2w`` or ``T1w+T2w``);
+    ``settings`` gives the ``ca_mode`` and the provenance block of the sidecars.
 
     Returns the written derivative paths and a TSV of this image's volume rows in ``out_dir``
     (the session's table is assembled by :func:`write_volumes_table`).
@@ -247,7 +240,7 @@ def write_derivatives(
     labels = np.asarray(nib.load(dseg_file).dataobj)
     uncertainty = np.asarray(nib.load(uncertainty_file).dataobj, dtype=np.float32)
     record = {
-        **provenance,
+        **settings.provenance,
         "Localisation": {
             key: loc[key]
             for key in ("boxes", "qc", "checks", "localisation_ok", "warnings",
@@ -259,8 +252,8 @@ def write_derivatives(
     )
     icv = estimate_icv_mm3(np.asarray(loc["template_to_subject"]))
     table = compute_volumes(
-        labels, uncertainty, source.affine, ca_mode, entities=entities, contrast=contrast,
-        icv_mm3=icv, localisation_ok=bool(loc["localisation_ok"]),
+        labels, uncertainty, source.affine, settings.ca_mode, entities=entities,
+        contrast=contrast, icv_mm3=icv, localisation_ok=bool(loc["localisation_ok"]),
     )  # fmt: skip
     part = Path(out_dir) / "volumes_part.tsv"
     table.to_csv(part, sep="\t", index=False, na_rep="n/a")

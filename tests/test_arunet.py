@@ -18,7 +18,7 @@ from hsf_bids.arunet import (
     expected_parameters,
     main,
 )
-from hsf_bids.engines import open_session
+from hsf_bids.engines import open_network
 
 SMALL = (4, 8, 16, 32)
 
@@ -50,7 +50,7 @@ def test_model_passes_the_checker_and_follows_the_contract(small_model):
 
 @pytest.mark.parametrize("engine", ["onnxruntime", "openvino"])
 def test_runs_in_both_engines_on_a_crop(small_model, crop_batch, engine):
-    probs = open_session(small_model, engine=engine, threads=2).run(crop_batch)
+    probs = open_network(small_model, engine=engine, threads=2).run(crop_batch)
     assert probs.shape == (2, 6, 40, 56, 56)
     np.testing.assert_allclose(probs.sum(axis=1), 1.0, atol=1e-5)
     # Random, yet not degenerate: the winner is not certain everywhere and several classes win.
@@ -59,8 +59,8 @@ def test_runs_in_both_engines_on_a_crop(small_model, crop_batch, engine):
 
 
 def test_engines_agree_and_instances_are_independent(small_model, crop_batch):
-    ort = open_session(small_model, engine="onnxruntime", threads=2)
-    ov = open_session(small_model, engine="openvino", threads=2)
+    ort = open_network(small_model, engine="onnxruntime", threads=2)
+    ov = open_network(small_model, engine="openvino", threads=2)
     together = ort.run(crop_batch)
     assert np.abs(ov.run(crop_batch) - together).max() < 1e-3
     # Per-instance normalisation: batch composition does not change an instance's output.

@@ -15,13 +15,13 @@ from hsf_bids.engines import (
     EngineUnavailableError,
     InputShapeError,
     ModelLoadError,
-    Session,
+    Network,
     UnknownEngineError,
     available_engines,
-    clear_session_cache,
+    clear_network_cache,
     cpu_supports_bf16,
-    get_session,
-    open_session,
+    load_network,
+    open_network,
     resolve_engine,
 )
 from hsf_bids.engines.deepsparse import deepsparse_available
@@ -48,15 +48,15 @@ def mni_crops(templateflow_home: Path) -> np.ndarray:
 
 
 @pytest.fixture(scope="module")
-def sessions(demo_models: list[Path]) -> dict[str, Session]:
-    """One session per engine on the first demo model."""
-    return {e: open_session(demo_models[0], engine=e, threads=THREADS) for e in ENGINES}
+def networks(demo_models: list[Path]) -> dict[str, Network]:
+    """One network per engine on the first demo model."""
+    return {e: open_network(demo_models[0], engine=e, threads=THREADS) for e in ENGINES}
 
 
 def test_onnxruntime_and_openvino_fp32_agree_on_every_demo_model(demo_models, mni_crops):
     for model in demo_models:
-        ort_probs = open_session(model, engine="onnxruntime", threads=THREADS).run(mni_crops)
-        ov = open_session(model, engine="openvino", precision="fp32", threads=THREADS)
+        ort_probs = open_network(model, engine="onnxruntime", threads=THREADS).run(mni_crops)
+        ov = open_network(model, engine="openvino", precision="fp32", threads=THREADS)
         assert ov.precision == "fp32"
         ov_probs = ov.run(mni_crops)
         assert ov_probs.shape == ort_probs.shape == (2, 6, 40, 56, 56)
@@ -68,8 +68,8 @@ def test_onnxruntime_and_openvino_fp32_agree_on_every_demo_model(demo_models, mn
 
 
 @pytest.mark.parametrize("engine", ENGINES)
-def test_outputs_are_float32_probabilities(sessions, mni_crops, engine):
-    probs = sessions[engine].run(mni_crops[:1])
+def test_outputs_are_float32_probabilities(networks, mni_crops, engine):
+    probs = networks[engine].run(mni_crops[:1])
     assert probs.dtype == np.float32
     assert probs.shape == (1, 6, 40, 56, 56)
     assert probs.min() >= 0.0 and probs.max() <= 1.0 + 1e-6
@@ -77,10 +77,10 @@ def test_outputs_are_float32_probabilities(sessions, mni_crops, engine):
 
 
 @pytest.mark.parametrize("engine", ENGINES)
-def test_batch_of_two_equals_two_batches_of_one(sessions, mni_crops, engine):
-    session = sessions[engine]
-    together = session.run(mni_crops)
-    apart = np.concatenate([session.run(mni_crops[:1]), session.run(mni_crops[1:])])
+def test_batch_of_two_equals_two_batches_of_one(networks, mni_crops, engine):
+    network = networks[engine]
+    together = network.run(mni_crops)
+    apart = np.concatenate([network.run(mni_crops[:1]), network.run(mni_crops[1:])])
     # onnxruntime is batch-invariant to float rounding; OpenVINO's CPU kernels block a batch of
     # two differently from a batch of one (measured up to 8e-5).
     np.testing.assert_allclose(together, apart, atol=1e-5 if engine == "onnxruntime" else 5e-4)
@@ -88,24 +88,24 @@ def test_batch_of_two_equals_two_batches_of_one(sessions, mni_crops, engine):
 
 
 @pytest.mark.parametrize("engine", ENGINES)
-def test_different_crop_shapes_in_one_session(sessions, mni_crops, engine):
-    session = sessions[engine]
-    first = session.run(mni_crops[:1])
+def test_different_crop_shapes_in_one_network(networks, mni_crops, engine):
+    network = networks[engine]
+    first = network.run(mni_crops[:1])
     rng = np.random.default_rng(7)
     for shape in [(48, 64, 48), (56, 48, 64), (40, 56, 56), (32, 40, 48)]:
         batch = rng.standard_normal((1, 1, *shape), dtype=np.float32)
-        probs = session.run(batch)
+        probs = network.run(batch)
         assert probs.shape == (1, 6, *shape)
         np.testing.assert_allclose(probs.sum(axis=1), 1.0, atol=1e-5)
     # No state carried over from other shapes.
-    np.testing.assert_allclose(session.run(mni_crops[:1]), first, atol=1e-6)
+    np.testing.assert_allclose(network.run(mni_crops[:1]), first, atol=1e-6)
 
 
-def test_float64_and_noncontiguous_input_are_accepted(sessions, mni_crops):
-    session = sessions["onnxruntime"]
-    expected = session.run(mni_crops[:1])
+def test_float64_and_noncontiguous_input_are_accepted(networks, mni_crops):
+    network = networks["onnxruntime"]
+    expected = network.run(mni_crops[:1])
     as_f64 = np.asfortranarray(mni_crops[:1].astype(np.float64))
-    np.testing.assert_allclose(session.run(as_f64), expected, atol=1e-6)
+    np.testing.assert_allclose(network.run(as_f64), expected, atol=1e-6)
 
 
 @pytest.mark.parametrize("engine", ENGINES)
@@ -117,9 +117,9 @@ def test_float64_and_noncontiguous_input_are_accepted(sessions, mni_crops):
         ((1, 1, 40, 53, 56), "multiples of 8"),  # not padded
     ],
 )
-def test_bad_batch_is_rejected_naming_the_model(sessions, engine, shape, message):
+def test_bad_batch_is_rejected_naming_the_model(networks, engine, shape, message):
     with pytest.raises(InputShapeError, match=message) as info:
-        sessions[engine].run(np.zeros(shape, dtype=np.float32))
+        networks[engine].run(np.zeros(shape, dtype=np.float32))
     assert "demo_unet_b0.onnx" in str(info.value)
 
 
@@ -127,55 +127,55 @@ def test_bad_batch_is_rejected_naming_the_model(sessions, engine, shape, message
 def test_missing_and_corrupt_model_files_raise_model_load_error(tmp_path, engine):
     missing = tmp_path / "absent.onnx"
     with pytest.raises(ModelLoadError, match="absent.onnx"):
-        open_session(missing, engine=engine)
+        open_network(missing, engine=engine)
     corrupt = tmp_path / "corrupt.onnx"
     corrupt.write_bytes(b"this is not a protobuf" * 10)
     with pytest.raises(ModelLoadError, match="corrupt.onnx"):
-        open_session(corrupt, engine=engine)
+        open_network(corrupt, engine=engine)
 
 
-def test_get_session_loads_a_model_once_per_process(demo_models):
-    clear_session_cache()
+def test_load_network_loads_a_model_once_per_process(demo_models):
+    clear_network_cache()
     try:
-        first = get_session(demo_models[0], engine="onnxruntime", threads=THREADS)
-        assert get_session(demo_models[0], engine="onnxruntime", threads=THREADS) is first
-        # Same file through another spelling of its path: still one session.
+        first = load_network(demo_models[0], engine="onnxruntime", threads=THREADS)
+        assert load_network(demo_models[0], engine="onnxruntime", threads=THREADS) is first
+        # Same file through another spelling of its path: still one network.
         relative = demo_models[0].parent / ".." / demo_models[0].parent.name / demo_models[0].name
-        assert get_session(relative, engine="onnxruntime", threads=THREADS) is first
-        # Other settings or another model: other sessions.
-        other_engine = get_session(demo_models[0], engine="openvino", threads=THREADS)
+        assert load_network(relative, engine="onnxruntime", threads=THREADS) is first
+        # Other settings or another model: other networks.
+        other_engine = load_network(demo_models[0], engine="openvino", threads=THREADS)
         assert other_engine is not first and other_engine.engine == "openvino"
-        assert get_session(demo_models[0], engine="onnxruntime", threads=1) is not first
-        assert get_session(demo_models[1], engine="onnxruntime", threads=THREADS) is not first
+        assert load_network(demo_models[0], engine="onnxruntime", threads=1) is not first
+        assert load_network(demo_models[1], engine="onnxruntime", threads=THREADS) is not first
     finally:
-        clear_session_cache()
-    assert get_session(demo_models[0], engine="onnxruntime", threads=THREADS) is not first
-    clear_session_cache()
+        clear_network_cache()
+    assert load_network(demo_models[0], engine="onnxruntime", threads=THREADS) is not first
+    clear_network_cache()
 
 
-def test_get_session_is_thread_safe(demo_models):
-    clear_session_cache()
+def test_load_network_is_thread_safe(demo_models):
+    clear_network_cache()
     barrier = threading.Barrier(4)
 
     def load(_):
         barrier.wait()
-        return get_session(demo_models[2], engine="onnxruntime", threads=1)
+        return load_network(demo_models[2], engine="onnxruntime", threads=1)
 
     try:
         with ThreadPoolExecutor(4) as pool:
             loaded = list(pool.map(load, range(4)))
         assert all(s is loaded[0] for s in loaded)
     finally:
-        clear_session_cache()
+        clear_network_cache()
 
 
 @pytest.mark.skipif(cuda_available(), reason="CUDA is available: no fallback to test")
 def test_cuda_request_falls_back_to_cpu_and_says_so(demo_models, mni_crops, caplog):
     with caplog.at_level(logging.WARNING, logger="hsf_bids.engines"):
-        session = open_session(demo_models[0], engine="onnxruntime", device="cuda", threads=1)
-    assert session.device == "cpu"
+        network = open_network(demo_models[0], engine="onnxruntime", device="cuda", threads=1)
+    assert network.device == "cpu"
     assert "CUDA requested" in caplog.text
-    assert session.run(mni_crops[:1]).shape == (1, 6, 40, 56, 56)
+    assert network.run(mni_crops[:1]).shape == (1, 6, 40, 56, 56)
     with caplog.at_level(logging.WARNING, logger="hsf_bids.engines"):
         assert resolve_engine("auto", device="cuda")[2] == "cpu"
         assert resolve_engine("onnxruntime", device="cuda") == ("onnxruntime", "fp32", "cpu")
@@ -183,18 +183,18 @@ def test_cuda_request_falls_back_to_cpu_and_says_so(demo_models, mni_crops, capl
 
 def test_unknown_engine_device_or_precision_is_a_clear_error(demo_models):
     with pytest.raises(UnknownEngineError, match="unknown engine 'tensorrt'.*onnxruntime"):
-        open_session(demo_models[0], engine="tensorrt")
+        open_network(demo_models[0], engine="tensorrt")
     with pytest.raises(UnknownEngineError, match="unknown device 'tpu'"):
         resolve_engine("auto", device="tpu")
     with pytest.raises(UnknownEngineError, match="unknown precision 'fp8'"):
-        open_session(demo_models[0], engine="openvino", precision="fp8")
+        open_network(demo_models[0], engine="openvino", precision="fp8")
     assert issubclass(UnknownEngineError, ValueError)
 
 
 @pytest.mark.skipif(deepsparse_available(), reason="deepsparse is installed")
 def test_deepsparse_missing_names_the_extra(demo_models):
     for call in (
-        lambda: open_session(demo_models[0], engine="deepsparse"),
+        lambda: open_network(demo_models[0], engine="deepsparse"),
         lambda: resolve_engine("deepsparse"),
     ):
         with pytest.raises(EngineUnavailableError, match=r"hsf_bids\[deepsparse\].*3\.11.*numpy"):
@@ -216,15 +216,15 @@ def test_cpu_supports_bf16_follows_openvino_and_cpu_flags():
 
 def test_openvino_bf16_reports_the_precision_that_runs(demo_models, mni_crops, caplog):
     with caplog.at_level(logging.WARNING, logger="hsf_bids.engines"):
-        session = open_session(demo_models[0], engine="openvino", precision="bf16", threads=2)
-    probs = session.run(mni_crops[:1])
+        network = open_network(demo_models[0], engine="openvino", precision="bf16", threads=2)
+    probs = network.run(mni_crops[:1])
     np.testing.assert_allclose(probs.sum(axis=1), 1.0, atol=1e-2)
     if cpu_supports_bf16():
-        assert session.precision == "bf16"
+        assert network.precision == "bf16"
         assert resolve_engine("openvino", precision="bf16") == ("openvino", "bf16", "cpu")
     else:
-        # OpenVINO silently compiles f32 here; the session says so and a warning is logged.
-        assert session.precision == "fp32"
+        # OpenVINO silently compiles f32 here; the network says so and a warning is logged.
+        assert network.precision == "fp32"
         assert "bf16 requested" in caplog.text
         with pytest.raises(EngineUnavailableError, match="AMX or AVX512-BF16"):
             resolve_engine("openvino", precision="bf16")
@@ -247,17 +247,17 @@ def test_resolve_engine_choices():
         resolve_engine("openvino", "cuda")
 
 
-def test_auto_session_uses_the_resolved_engine(demo_models, mni_crops):
-    session = open_session(demo_models[0], engine="auto", threads=1)
+def test_auto_network_uses_the_resolved_engine(demo_models, mni_crops):
+    network = open_network(demo_models[0], engine="auto", threads=1)
     engine, precision, device = resolve_engine("auto", "cpu")
-    assert (session.engine, session.precision, session.device) == (engine, precision, device)
-    assert isinstance(session, Session)
-    assert session.threads == 1
+    assert (network.engine, network.precision, network.device) == (engine, precision, device)
+    assert isinstance(network, Network)
+    assert network.threads == 1
 
 
 @pytest.mark.parametrize("engine", ENGINES)
 def test_an_ensemble_holds_one_run_s_working_memory_not_one_per_model(demo_models, engine):
-    """After a run, a session gives its working memory back, so running every model of an
+    """After a run, a network gives its working memory back, so running every model of an
     ensemble in turn needs about one model's working memory, not the sum (measured in a fresh
     process: without the release each demo model keeps about 340 MiB for this batch)."""
     import subprocess
@@ -265,7 +265,7 @@ def test_an_ensemble_holds_one_run_s_working_memory_not_one_per_model(demo_model
 
     code = f"""
 import numpy as np
-from hsf_bids.engines import open_session
+from hsf_bids.engines import open_network
 
 def rss_mib():
     for line in open("/proc/self/status"):
@@ -273,11 +273,11 @@ def rss_mib():
             return int(line.split()[1]) / 1024
 
 paths = {[str(p) for p in demo_models]!r}
-sessions = [open_session(p, engine={engine!r}, threads=2) for p in paths]
+networks = [open_network(p, engine={engine!r}, threads=2) for p in paths]
 batch = np.random.default_rng(0).standard_normal((4, 1, 64, 64, 64)).astype(np.float32)
 marks = []
-for session in sessions:
-    session.run(batch)
+for network in networks:
+    network.run(batch)
     marks.append(rss_mib())
 print(*marks)
 """

@@ -1,6 +1,6 @@
 """int8 models and the agreement gate of ``engine auto`` (issue 14).
 
-Real NNCF quantisation of the demo models, real OpenVINO and onnxruntime sessions, the real
+Real NNCF quantisation of the demo models, real OpenVINO and onnxruntime networks, the real
 calibration set built from the shared TemplateFlow files. Timing is never asserted.
 """
 
@@ -19,7 +19,7 @@ import pytest
 from conftest import finish, hsf_bids
 from onnx import helper, numpy_helper
 
-from hsf_bids.engines import EngineUnavailableError, cpu_supports_bf16, open_session
+from hsf_bids.engines import EngineUnavailableError, cpu_supports_bf16, open_network
 from hsf_bids.engines.agreement import GATE_DICE, Choice, measure_agreement
 from hsf_bids.engines.plan import candidate_choices, measure_models, plan_models
 from hsf_bids.hub import xxh3_64_file
@@ -129,8 +129,8 @@ def test_auto_runs_in_fp32_a_model_whose_int8_version_fails_the_gate(
     good = demo_models[0]
     bad = _bad_activations(good, tmp_path / "outlier.onnx")
     crop = np.ascontiguousarray(_input(calibration[0]))
-    reference = open_session(good, engine="onnxruntime", threads=2).run(crop)
-    same = open_session(bad, engine="onnxruntime", threads=2).run(crop)
+    reference = open_network(good, engine="onnxruntime", threads=2).run(crop)
+    same = open_network(bad, engine="onnxruntime", threads=2).run(crop)
     np.testing.assert_allclose(same, reference, atol=1e-4)  # the same network in fp32
     paths, checksums = [good, bad], [xxh3_64_file(good), xxh3_64_file(bad)]
     for path, xxh in zip(paths, checksums, strict=True):
@@ -188,29 +188,31 @@ def test_explicit_int8_needs_the_int8_versions(demo_models, tmp_path):
                     precision="int8")  # fmt: skip
 
 
-def test_int8_explicit_plan_and_session(quantized, calibration):
+def test_int8_explicit_plan_and_network(quantized, calibration):
     model, folder, int8 = quantized
     plan = plan_models([model], [xxh3_64_file(model)], folder, engine="openvino",
                        precision="int8", threads=2)  # fmt: skip
     (run,) = plan.runs
     assert (run.engine, run.precision, run.path) == ("openvino", "int8", int8.xml)
-    session = open_session(run.path, engine="openvino", precision="int8", threads=2)
-    assert session.precision == "int8"
-    probs = session.run(_input(calibration[0]))
+    network = open_network(run.path, engine="openvino", precision="int8", threads=2)
+    assert network.precision == "int8"
+    probs = network.run(_input(calibration[0]))
     np.testing.assert_allclose(probs.sum(axis=1), 1.0, atol=1e-3)
     with pytest.raises(EngineUnavailableError, match="quantised model"):
-        open_session(model, engine="openvino", precision="int8")
+        open_network(model, engine="openvino", precision="int8")
 
 
 def test_int8_segmentations_are_byte_identical_for_a_seed(quantized, calibration):
-    from hsf_bids.segment import segment_crop
+    from hsf_bids.segment import EnsembleSettings, segment_crop
 
     _, _, int8 = quantized
     item = calibration[2]
     runs = []
     for _ in range(2):
-        session = open_session(int8.xml, engine="openvino", precision="int8", threads=2)
-        result = segment_crop([(item.crop, item.spacing)], [session], num_augmentations=3, seed=7)
+        network = open_network(int8.xml, engine="openvino", precision="int8", threads=2)
+        result = segment_crop(
+            [(item.crop, item.spacing)], [network], EnsembleSettings(num_augmentations=3), seed=7
+        )
         runs.append(result)
     assert runs[0].labels.tobytes() == runs[1].labels.tobytes()
     assert runs[0].uncertainty.tobytes() == runs[1].uncertainty.tobytes()
@@ -222,16 +224,16 @@ def test_measuring_again_reuses_the_reference(quantized, calibration):
     model, _, int8 = quantized
     xxh = xxh3_64_file(model)
     crops = calibration[:2]
-    reference = open_session(model, engine="onnxruntime", threads=2)
+    reference = open_network(model, engine="onnxruntime", threads=2)
     fp32 = Choice("openvino", "fp32", "cpu", model)
     first = measure_agreement(
-        model, xxh, reference, {fp32: (open_session(model, engine="openvino", threads=2), xxh)},
+        model, xxh, reference, {fp32: (open_network(model, engine="openvino", threads=2), xxh)},
         crops,
     )  # fmt: skip
     int8_choice = Choice("openvino", "int8", "cpu", int8.xml)
-    session = open_session(int8.xml, engine="openvino", precision="int8", threads=2)
+    network = open_network(int8.xml, engine="openvino", precision="int8", threads=2)
     second = measure_agreement(
-        model, xxh, None, {int8_choice: (session, int8.xxh3_64)}, crops, previous=first
+        model, xxh, None, {int8_choice: (network, int8.xxh3_64)}, crops, previous=first
     )
     assert second.votes["reference"] is first.votes["reference"]
     assert second.agreements[int8_choice.name].reference_seconds_per_pass == pytest.approx(

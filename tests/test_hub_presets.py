@@ -281,6 +281,19 @@ def test_hub_relative_path_to_the_yaml_given_relatively(tmp_path, monkeypatch):
             "without gaps",
         ),
         (_model("x.onnx"), "margins: {isotropic: [8, 8], anisotropic: [16, 4, 16]}\n", "margins"),
+        # Used by the pipeline along any slice axis, so written as [thin, thick, thin].
+        (
+            _model("x.onnx"),
+            "margins: {isotropic: [8, 8, 8], anisotropic: [16, 4, 12]}\n",
+            r"thin, thick, thin.*\[16, 4, 16\]",
+        ),
+        # The pipeline's labels are HSF's six channels: another set is refused, not ignored.
+        (
+            _model("x.onnx"),
+            "labels: {0: {name: background, abbreviation: BG}, 1: {name: hc, abbreviation: HC}}\n",
+            "HSF's six output channels",
+        ),
+        (_model("x.onnx"), "contrasts: [T1w, FLAIR]\n", "T1w and T2w images only, not FLAIR"),
     ],
 )
 def test_hub_refused(tmp_path, models, extra, message):
@@ -371,3 +384,25 @@ def test_two_hubs_with_one_stem_get_distinct_folders(tmp_path):
         paths.append(path)
     folders = {load_hub(p).subfolder for p in paths}
     assert len(folders) == 2
+
+
+def test_hub_margins_labels_and_contrasts_reach_the_preset(tmp_path):
+    """A hub's margins, contrasts and (HSF's own) labels are kept; the pipeline reads them
+    (tests/test_workflow_build.py checks what it does with them)."""
+    labels = "".join(
+        f"  {lab.index}: {{name: {lab.name}, abbreviation: {lab.abbreviation}}}\n"
+        for lab in DEFAULT_LABELS
+    )
+    hub_file = tmp_path / "hub.yaml"
+    hub_file.write_text(
+        _hub_yaml(
+            _model("x.onnx"),
+            extra="margins: {isotropic: [6, 7, 8], anisotropic: [12, 3, 12]}\n"
+            "contrasts: [T2w]\nlabels:\n" + labels,
+        )
+    )
+    preset = load_hub(hub_file)
+    assert preset.margins.isotropic == (6, 7, 8)
+    assert preset.margins.thick_slice == (12, 3)
+    assert preset.contrasts == ("T2w",)
+    assert preset.labels == DEFAULT_LABELS

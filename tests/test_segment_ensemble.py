@@ -1,4 +1,4 @@
-"""segment_crop on real MNI 2009c sym crops with the three demo models (real ONNX sessions)."""
+"""segment_crop on real MNI 2009c sym crops with the three demo models (real ONNX networks)."""
 
 from __future__ import annotations
 
@@ -9,8 +9,9 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from hsf_bids.engines import get_session
+from hsf_bids.engines import load_network
 from hsf_bids.segment import (
+    EnsembleSettings,
     InputCropError,
     ModelOutputError,
     sample_augmentations,
@@ -24,12 +25,13 @@ BOXES = {
 }
 TEMPLATE = "tpl-MNI152NLin2009cSym"
 THREADS = 2
+NO_TTA = EnsembleSettings(test_time_augmentation=False)
 
 
 @pytest.fixture(scope="module")
-def sessions(demo_models):
+def networks(demo_models):
     return [
-        get_session(p, engine="onnxruntime", device="cpu", precision="fp32", threads=THREADS)
+        load_network(p, engine="onnxruntime", device="cpu", precision="fp32", threads=THREADS)
         for p in demo_models
     ]
 
@@ -110,11 +112,13 @@ def reference(crops, demo_models) -> dict[tuple[str, str], list[np.ndarray]]:
     ("side", "ca_mode"), [("left", "1/2/3"), ("left", "123"), ("left", ""), ("right", "1/2/3")]
 )
 def test_vote_without_tta_equals_the_independent_implementation(
-    crops, sessions, reference, side, ca_mode
+    crops, networks, reference, side, ca_mode
 ):
     crop = crops[("T1w", side)]
     result = segment_crop(
-        [(crop, (1.0, 1.0, 1.0))], sessions, ca_mode=ca_mode, test_time_augmentation=False
+        [(crop, (1.0, 1.0, 1.0))],
+        networks,
+        EnsembleSettings(ca_mode=ca_mode, test_time_augmentation=False),
     )
     probs = reference[("T1w", side)]
     expected = _reference_vote(probs, ca_mode)
@@ -130,10 +134,10 @@ def test_vote_without_tta_equals_the_independent_implementation(
     assert result.ca_mode == ca_mode and result.fusion == "vote"
 
 
-def test_demo_models_find_subfields_in_both_crops(crops, sessions):
+def test_demo_models_find_subfields_in_both_crops(crops, networks):
     for side in ("left", "right"):
         result = segment_crop(
-            [(crops[("T1w", side)], (1.0, 1.0, 1.0))], sessions, test_time_augmentation=False
+            [(crops[("T1w", side)], (1.0, 1.0, 1.0))], networks, NO_TTA
         )
         counts = np.bincount(result.labels.ravel(), minlength=6)
         # DG, CA1 and SUB are each hundreds of voxels (the report's volumes: ~1400/1100/450).
@@ -151,22 +155,25 @@ def test_demo_models_find_subfields_in_both_crops(crops, sessions):
         )
 
 
-def test_multispectral_late_fusion_joins_one_vote(crops, sessions, reference):
+def test_multispectral_late_fusion_joins_one_vote(crops, networks, reference):
     inputs = [(crops[("T1w", "left")], (1.0, 1.0, 1.0)), (crops[("T2w", "left")], (1, 1, 1))]
-    result = segment_crop(inputs, sessions, test_time_augmentation=False)
+    result = segment_crop(inputs, networks, NO_TTA)
     assert result.n_predictions == 6
     expected = _reference_vote(reference[("T1w", "left")] + reference[("T2w", "left")], "1/2/3")
     np.testing.assert_array_equal(result.labels, expected)
     with pytest.raises(InputCropError, match="differs from input 0"):
-        segment_crop([inputs[0], (crops[("T2w", "left")][:-1], (1, 1, 1))], sessions)
+        segment_crop([inputs[0], (crops[("T2w", "left")][:-1], (1, 1, 1))], networks)
 
 
-def test_tta_is_deterministic_whatever_the_batch_size(crops, sessions):
+def test_tta_is_deterministic_whatever_the_batch_size(crops, networks):
     crop = crops[("T1w", "left")]
     inputs = [(crop, (1.0, 1.0, 1.0))]
-    model = sessions[:1]
+    model = networks[:1]
     # Batch sizes 1 and 3 (4 copies: a full and a partial batch) must agree byte for byte.
-    runs = [segment_crop(inputs, model, num_augmentations=3, seed=11, batch_size=b) for b in (1, 3)]
+    runs = [
+        segment_crop(inputs, model, EnsembleSettings(num_augmentations=3, batch_size=b), seed=11)
+        for b in (1, 3)
+    ]
     for other in runs[1:]:
         assert other.labels.tobytes() == runs[0].labels.tobytes()
         assert other.uncertainty.tobytes() == runs[0].uncertainty.tobytes()
@@ -176,10 +183,11 @@ def test_tta_is_deterministic_whatever_the_batch_size(crops, sessions):
     a = sample_augmentations(rng_a, 3, crop.shape, (1, 1, 1))
     b = sample_augmentations(rng_b, 3, crop.shape, (1, 1, 1))
     assert [(x.kind, x.flip, x.scales) for x in a] != [(x.kind, x.flip, x.scales) for x in b]
-    other_seed = segment_crop(inputs, model, num_augmentations=3, seed=12, batch_size=2)
+    two_per_batch = EnsembleSettings(num_augmentations=3, batch_size=2)
+    other_seed = segment_crop(inputs, model, two_per_batch, seed=12)
     assert other_seed.uncertainty.tobytes() != runs[0].uncertainty.tobytes()
     # TTA maps predictions back where they belong: the labels agree with the plain run.
-    plain = segment_crop(inputs, model, test_time_augmentation=False)
+    plain = segment_crop(inputs, model, NO_TTA)
     for run in (runs[0], other_seed):
         a_mask, b_mask = run.labels > 0, plain.labels > 0
         dice = 2 * (a_mask & b_mask).sum() / (a_mask.sum() + b_mask.sum())
@@ -188,12 +196,13 @@ def test_tta_is_deterministic_whatever_the_batch_size(crops, sessions):
         assert same > 0.7
 
 
-def test_mean_fusion_shortcut_matches_per_model_inversion(crops, sessions):
+def test_mean_fusion_shortcut_matches_per_model_inversion(crops, networks):
     inputs = [(crops[("T1w", "right")], (1.0, 1.0, 1.0))]
-    two = sessions[:2]
-    kwargs = {"num_augmentations": 2, "seed": 5, "batch_size": 2, "return_probabilities": True}
-    vote = segment_crop(inputs, two, fusion="vote", **kwargs)
-    mean = segment_crop(inputs, two, fusion="mean", **kwargs)
+    two = networks[:2]
+    kwargs = {"num_augmentations": 2, "batch_size": 2}
+    options = {"seed": 5, "return_probabilities": True}
+    vote = segment_crop(inputs, two, EnsembleSettings(fusion="vote", **kwargs), **options)
+    mean = segment_crop(inputs, two, EnsembleSettings(fusion="mean", **kwargs), **options)
     assert vote.n_predictions == mean.n_predictions == 6
     # The vote path inverts every model separately; the mean path inverts their mean once.
     np.testing.assert_allclose(mean.probabilities, vote.probabilities, atol=2e-5)
@@ -204,7 +213,7 @@ def test_mean_fusion_shortcut_matches_per_model_inversion(crops, sessions):
     np.testing.assert_array_equal(mean.labels[clear], vote.probabilities.argmax(0)[clear])
 
 
-def test_bad_inputs_and_models_are_clear_errors(crops, sessions):
+def test_bad_inputs_and_models_are_clear_errors(crops, networks):
     crop = crops[("T1w", "left")]
 
     class FiveChannels:
@@ -218,12 +227,12 @@ def test_bad_inputs_and_models_are_clear_errors(crops, sessions):
             return self.inner.run(batch)[:, :5]
 
     with pytest.raises(ModelOutputError, match="demo_unet_b0.onnx"):
-        segment_crop([(crop, (1, 1, 1))], [FiveChannels(sessions[0])], test_time_augmentation=False)
+        segment_crop([(crop, (1, 1, 1))], [FiveChannels(networks[0])], NO_TTA)
     with pytest.raises(InputCropError, match="every voxel equals"):
-        segment_crop([(np.zeros((16, 16, 16)), (1, 1, 1))], sessions[:1])
+        segment_crop([(np.zeros((16, 16, 16)), (1, 1, 1))], networks[:1])
     with pytest.raises(InputCropError, match="spacing"):
-        segment_crop([(crop, (1, 0, 1))], sessions[:1])
+        segment_crop([(crop, (1, 0, 1))], networks[:1])
     with pytest.raises(ValueError, match="ca_mode"):
-        segment_crop([(crop, (1, 1, 1))], sessions[:1], ca_mode="1/3")
+        EnsembleSettings(ca_mode="1/3")
     with pytest.raises(ValueError, match="fusion"):
-        segment_crop([(crop, (1, 1, 1))], sessions[:1], fusion="max")
+        EnsembleSettings(fusion="max")

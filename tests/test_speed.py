@@ -1,7 +1,7 @@
 """Speed work (issue 8): engine choice, the memory budget of ``--engine auto`` and the timing
 records (the agreement gate itself: test_gate.py).
 
-Real sessions of the demo models on a real ds-mini crop; no timing is asserted (the machine is
+Real networks of the demo models on a real ds-mini crop; no timing is asserted (the machine is
 shared), only that the records exist and add up.
 """
 
@@ -15,12 +15,13 @@ import numpy as np
 import pytest
 
 from hsf_bids import engines, stages, timing
-from hsf_bids.engines import available_engines, get_session, resolve_engine
+from hsf_bids.engines import available_engines, load_network, resolve_engine
 from hsf_bids.engines.agreement import GATE_DICE
 from hsf_bids.engines.plan import plan_models
 from hsf_bids.hub import xxh3_64_file
 from hsf_bids.image import load_anat, to_ras
-from hsf_bids.segment import segment_crop
+from hsf_bids.segment import EnsembleSettings, segment_crop
+from hsf_bids.settings import ModelSpec, SegmentationSettings
 
 # Boxes the localisation (seed 42) finds in sub-04 ses-01 (Colin27, 1 mm, RAS): RAS+ voxels.
 BOXES = {"right": ((95, 76, 34), (135, 129, 87)), "left": ((46, 76, 35), (86, 129, 88))}
@@ -96,10 +97,11 @@ def test_openvino_fp32_agrees_with_onnxruntime_fp32_on_a_real_crop(demo_models, 
     for side, item in head_crops.items():
         labels = {}
         for engine in ("onnxruntime", "openvino"):
-            sessions = [get_session(m, engine=engine, precision="fp32", threads=2)
+            networks = [load_network(m, engine=engine, precision="fp32", threads=2)
                         for m in demo_models]  # fmt: skip
             labels[engine] = segment_crop(
-                [item], sessions, test_time_augmentation=tta, num_augmentations=2, seed=3
+                [item], networks,
+                EnsembleSettings(test_time_augmentation=tta, num_augmentations=2), seed=3,
             ).labels
         ref = labels["onnxruntime"]
         assert {1, 2, 4, 5} <= set(np.unique(ref).tolist()), side  # a real segmentation
@@ -109,8 +111,10 @@ def test_openvino_fp32_agrees_with_onnxruntime_fp32_on_a_real_crop(demo_models, 
 
 
 def test_segment_crop_times_its_phases(demo_models, head_crops):
-    sessions = [get_session(m, engine="onnxruntime", threads=2) for m in demo_models]
-    result = segment_crop([head_crops["left"]], sessions, num_augmentations=2, seed=1)
+    networks = [load_network(m, engine="onnxruntime", threads=2) for m in demo_models]
+    result = segment_crop(
+        [head_crops["left"]], networks, EnsembleSettings(num_augmentations=2), seed=1
+    )
     assert set(result.timings) == {"augment", "network", "invert", "fusion"}
     assert all(v >= 0 for v in result.timings.values())
     assert result.timings["network"] > 0 and result.timings["invert"] > 0
@@ -122,23 +126,24 @@ def test_stages_write_timing_records(ds_mini, demo_models, head_crops, templatef
     for folder in folders.values():
         folder.mkdir()
     head = ds_mini / HEAD
-    loc = stages.localise(head, "T1w", folders["loc"], seed=42)
+    settings = SegmentationSettings(
+        models=tuple(ModelSpec(str(m), xxh3_64_file(m), "onnxruntime/fp32/cpu")
+                     for m in demo_models),
+        ensemble=EnsembleSettings(test_time_augmentation=False, num_augmentations=0),
+        seed=42, threads=2, provenance={"Engine": {"Name": "onnxruntime"}},
+    )  # fmt: skip
+    loc = stages.localise(head, "T1w", folders["loc"], settings)
     outputs = {}
     for side in ("right", "left"):
-        outputs[side] = stages.segment_side(
-            [head], loc, side, folders[side], models=[str(m) for m in demo_models],
-            engines=["onnxruntime/fp32/cpu"] * len(demo_models), threads=2, ca_mode="1/2/3",
-            fusion="vote",
-            seed=42, test_time_augmentation=False, num_augmentations=0, batch_size=1,
-        )  # fmt: skip
+        outputs[side] = stages.segment_side([head], loc, side, folders[side], settings)
     dseg, unc = stages.paste_back_sides(
         head, loc, {s: o[0] for s, o in outputs.items()}, {s: o[1] for s, o in outputs.items()},
         folders["paste"],
     )  # fmt: skip
     stages.write_derivatives(
         dseg, unc, loc, source_file=head, sources=["bids:raw:" + HEAD],
-        output_dir=tmp_path / "out", ca_mode="1/2/3", contrast="T1w",
-        provenance={"Engine": {"Name": "onnxruntime"}}, out_dir=folders["deriv"],
+        output_dir=tmp_path / "out", contrast="T1w", settings=settings,
+        out_dir=folders["deriv"],
     )  # fmt: skip
     records = {name: timing.read_timing(folder / timing.TIMING_JSON)
                for name, folder in folders.items()}  # fmt: skip
@@ -161,7 +166,9 @@ def test_stages_write_timing_records(ds_mini, demo_models, head_crops, templatef
     # The stage's outputs are what segment_crop gives on the same crop (boxes as recorded).
     box = stages.read_localisation(loc)["boxes"]["left"]
     assert (box.start, box.stop) == BOXES["left"]
-    sessions = [get_session(m, engine="onnxruntime", threads=2) for m in demo_models]
-    expected = segment_crop([head_crops["left"]], sessions, test_time_augmentation=False).labels
+    networks = [load_network(m, engine="onnxruntime", threads=2) for m in demo_models]
+    expected = segment_crop(
+        [head_crops["left"]], networks, EnsembleSettings(test_time_augmentation=False)
+    ).labels
     assert np.array_equal(np.asarray(nib.load(outputs["left"][0]).dataobj), expected)
     assert json.loads((tmp_path / "loc" / timing.TIMING_JSON).read_text())["total"] > 0

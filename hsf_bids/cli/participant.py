@@ -135,6 +135,17 @@ def _plan(config: RunConfig, preset, model_paths: list[Path]):  # noqa: ANN001, 
     return plan
 
 
+def _accepted_jobs(jobs: list[SegmentationJob], preset) -> list[SegmentationJob]:  # noqa: ANN001
+    """The jobs the preset's models accept (its ``contrasts``); the others are skipped with a
+    warning, as an image of a contrast a BIDS App does not process."""
+    from hsf_bids.settings import select_jobs
+
+    accepted, warnings = select_jobs(jobs, preset.contrasts)
+    for warning in warnings:
+        LOGGER.warning("%s", warning)
+    return accepted
+
+
 def run_participant(config: RunConfig) -> int:
     """Segment every selected image; returns the BIDS Apps exit code."""
     from hsf_bids.engines import EngineError
@@ -185,6 +196,13 @@ def run_participant(config: RunConfig) -> int:
     except (HubError, ModelsError, OSError) as exc:
         LOGGER.error("%s", exc)
         return ex.exit_code(exc)
+    jobs = _accepted_jobs(jobs, preset)
+    if not jobs:
+        LOGGER.error(
+            "the models of %s accept %s only and no selected image has that contrast",
+            preset.source, ", ".join(preset.contrasts),
+        )  # fmt: skip
+        return ex.EX_USAGE
     try:
         _check_templates(jobs)
     except TemplateError as exc:
@@ -256,16 +274,17 @@ def _run_workflow(
     phases: StageTimer,
 ) -> dict[str, list[Path]]:
     """Build and run the workflow; returns the failed subjects with their crash files."""
-    from hsf_bids.workflows.base import init_hsf_wf, segmentation_settings
+    from hsf_bids.settings import SegmentationSettings
+    from hsf_bids.workflows.base import init_hsf_wf
 
-    seg = segmentation_settings(config, preset, plan)
-    loader = _prefetch_sessions(seg) if config.plugin == "Linear" else None
-    _write_shared_files(config, seg.ca_mode)
+    settings = SegmentationSettings.from_run(config, preset, plan)
+    loader = _prefetch_networks(settings) if config.plugin == "Linear" else None
+    _write_shared_files(config, settings.ca_mode)
     subjects = sorted({job.subject for job in jobs})
     for subject in subjects:
         config.write(config.subject_log_dir(subject) / "config.json")
     _configure_nipype(config)
-    wf = init_hsf_wf(jobs, config, seg)
+    wf = init_hsf_wf(jobs, config, settings)
     if config.write_graph:
         try:
             wf.write_graph(graph2use="colored", format="svg", simple_form=True)
@@ -287,23 +306,21 @@ def _run_workflow(
     return failed
 
 
-def _prefetch_sessions(seg) -> threading.Thread:  # noqa: ANN001 - workflows Segmentation
+def _prefetch_networks(settings) -> threading.Thread:  # noqa: ANN001 - SegmentationSettings
     """Load the models in a thread, so they are ready when the first side is segmented.
 
-    Only for the Linear plugin, whose nodes run in this process and share its session cache
-    (:func:`hsf_bids.engines.get_session`, same key as :func:`hsf_bids.stages.segment_side`);
+    Only for the Linear plugin, whose nodes run in this process and share its network cache
+    (:func:`hsf_bids.stages.load_networks`, as :func:`hsf_bids.stages.segment_side` loads them);
     the engines load in native code, in parallel with the single-threaded registration. A model
     that fails to load here is loaded again by the stage, which reports the error.
     """
-    from hsf_bids.stages import load_session
+    from hsf_bids.stages import load_networks
 
     def load() -> None:
-        for path, choice in zip(seg.models, seg.engines, strict=True):
-            try:
-                load_session(path, choice, seg.threads)
-            except Exception as exc:  # noqa: BLE001 - the stage raises it with context
-                LOGGER.debug("prefetching %s failed: %s", path, exc)
-                return
+        try:
+            load_networks(settings)
+        except Exception as exc:  # noqa: BLE001 - the stage raises it with context
+            LOGGER.debug("prefetching the models failed: %s", exc)
 
     thread = threading.Thread(target=load, name="hsf_bids-load-models", daemon=True)
     thread.start()

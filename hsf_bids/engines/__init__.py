@@ -1,10 +1,13 @@
 """Inference engines: load an ONNX model once, run batches of crops.
 
+A loaded model is a *network* (:class:`~hsf_bids.engines.base.Network`); in hsf_bids "session"
+means a BIDS session (``ses-``) only.
+
 Public interface:
 
-* :func:`open_session` loads a model with one engine (``onnxruntime``, ``openvino`` or
-  ``deepsparse``) and returns a :class:`~hsf_bids.engines.base.Session`;
-* :func:`get_session` is the same behind a process-wide, thread-safe cache, so a model is loaded
+* :func:`open_network` loads a model with one engine (``onnxruntime``, ``openvino`` or
+  ``deepsparse``) and returns a :class:`~hsf_bids.engines.base.Network`;
+* :func:`load_network` is the same behind a process-wide, thread-safe cache, so a model is loaded
   once per process and reused for both sides and every subject;
 * :func:`available_engines` lists the ``(engine, precision, device)`` choices that run here;
 * :func:`resolve_engine` checks an explicit choice (or ``auto`` on a GPU) and names what runs;
@@ -30,7 +33,7 @@ from hsf_bids.engines.base import (
     EngineUnavailableError,
     InputShapeError,
     ModelLoadError,
-    Session,
+    Network,
     check_model_file,
     default_threads,
 )
@@ -43,14 +46,14 @@ __all__ = [
     "EngineUnavailableError",
     "InputShapeError",
     "ModelLoadError",
-    "Session",
+    "Network",
     "UnknownEngineError",
     "available_engines",
-    "clear_session_cache",
+    "clear_network_cache",
     "cpu_supports_bf16",
     "estimated_memory_gb",
-    "get_session",
-    "open_session",
+    "load_network",
+    "open_network",
     "resolve_engine",
 ]
 
@@ -232,19 +235,19 @@ def resolve_engine(
     )
 
 
-def open_session(
+def open_network(
     path: str | Path,
     *,
     engine: str = "onnxruntime",
     device: str = "cpu",
     precision: str | None = None,
     threads: int | None = None,
-) -> Session:
-    """Load the ONNX model at ``path`` with one engine and return a new session.
+) -> Network:
+    """Load the ONNX model at ``path`` with one engine and return a new network.
 
     ``engine`` may be ``auto`` (see :func:`resolve_engine`). ``precision`` ``None`` means the
     engine's default (fp32). ``threads`` is the intra-op CPU thread count (default: the CPUs this
-    process may use). The session's ``device`` and ``precision`` attributes say what actually
+    process may use). The network's ``device`` and ``precision`` attributes say what actually
     runs after any fallback (CUDA unavailable -> CPU; OpenVINO bf16 without hardware -> fp32).
     """
     _check_names(engine, device, precision, allow_auto=True)
@@ -253,38 +256,38 @@ def open_session(
     if threads is not None and int(threads) < 1:
         raise ValueError(f"threads must be >= 1, got {threads}")
     if engine == "onnxruntime":
-        from hsf_bids.engines.onnxruntime import OnnxRuntimeSession as cls
+        from hsf_bids.engines.onnxruntime import OnnxRuntimeNetwork as cls
     elif engine == "openvino":
         if not _openvino_available():
             raise EngineUnavailableError(
                 "engine 'openvino' is not installed (pip install openvino)"
             )
-        from hsf_bids.engines.openvino import OpenVinoSession as cls
+        from hsf_bids.engines.openvino import OpenVinoNetwork as cls
     else:
-        from hsf_bids.engines.deepsparse import DeepSparseSession as cls
-    session = cls(path, device=device, precision=precision, threads=threads)
-    log.info("loaded %r", session)
-    return session
+        from hsf_bids.engines.deepsparse import DeepSparseNetwork as cls
+    network = cls(path, device=device, precision=precision, threads=threads)
+    log.info("loaded %r", network)
+    return network
 
 
-_cache: dict[tuple, Session] = {}
+_cache: dict[tuple, Network] = {}
 _cache_locks: dict[tuple, threading.Lock] = {}
 _cache_guard = threading.Lock()
 
 
-def get_session(
+def load_network(
     path: str | Path,
     *,
     engine: str = "onnxruntime",
     device: str = "cpu",
     precision: str | None = None,
     threads: int | None = None,
-) -> Session:
-    """Like :func:`open_session`, but a given model and settings are loaded once per process.
+) -> Network:
+    """Like :func:`open_network`, but a given model and settings are loaded once per process.
 
     The key is the resolved file (path, size and modification time, so a replaced file is
     reloaded) plus the settings. Thread-safe: concurrent calls for one key load the model once
-    and all receive the same session; different keys load in parallel.
+    and all receive the same network; different keys load in parallel.
     """
     resolved = check_model_file(path)
     stat = resolved.stat()
@@ -298,27 +301,27 @@ def get_session(
         int(threads) if threads else default_threads(),
     )
     with _cache_guard:
-        session = _cache.get(key)
-        if session is not None:
-            return session
+        network = _cache.get(key)
+        if network is not None:
+            return network
         lock = _cache_locks.setdefault(key, threading.Lock())
     with lock:
         with _cache_guard:
-            session = _cache.get(key)
-        if session is None:
-            session = open_session(
+            network = _cache.get(key)
+        if network is None:
+            network = open_network(
                 resolved, engine=engine, device=device, precision=precision, threads=key[-1]
             )
             with _cache_guard:
-                _cache[key] = session
-    return session
+                _cache[key] = network
+    return network
 
 
-def clear_session_cache() -> None:
-    """Close and forget every cached session (tests, or to free memory between runs)."""
+def clear_network_cache() -> None:
+    """Close and forget every cached network (tests, or to free memory between runs)."""
     with _cache_guard:
-        sessions = list(_cache.values())
+        networks = list(_cache.values())
         _cache.clear()
         _cache_locks.clear()
-    for session in sessions:
-        session.close()
+    for network in networks:
+        network.close()

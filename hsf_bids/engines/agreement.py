@@ -36,7 +36,7 @@ from typing import Any
 
 import numpy as np
 
-from hsf_bids.engines.base import Session
+from hsf_bids.engines.base import Network
 
 __all__ = [
     "GATE_DICE",
@@ -245,8 +245,8 @@ class Measurement:
 def measure_agreement(
     model: Path,
     model_xxh3_64: str,
-    reference: Session | None,
-    candidates: Mapping[Choice, tuple[Session, str]],
+    reference: Network | None,
+    candidates: Mapping[Choice, tuple[Network, str]],
     crops: Sequence[Any],
     *,
     n_augmentations: int = MEASUREMENT["n_augmentations"],
@@ -255,7 +255,7 @@ def measure_agreement(
 ) -> Measurement:
     """Measure each candidate choice against ``reference`` (onnxruntime fp32) on ``crops``.
 
-    ``candidates`` maps each :class:`Choice` to its loaded session and the XXH3-64 of the file it
+    ``candidates`` maps each :class:`Choice` to its loaded network and the XXH3-64 of the file it
     runs. ``crops`` are :class:`hsf_bids.calibration.CalibrationCrop`. Every crop is segmented as
     the participant level does (original plus ``n_augmentations`` seeded augmentations, each
     z-scored, padded, run, un-padded, mapped back, then HSF's vote) by the reference and by each
@@ -268,31 +268,31 @@ def measure_agreement(
     from hsf_bids.segment.preprocess import pad_to_multiple, unpad, zscore
     from hsf_bids.vocabulary import N_MODEL_CLASSES
 
-    sessions = {c.name: s for c, (s, _) in candidates.items()}
+    networks = {c.name: s for c, (s, _) in candidates.items()}
     if previous is None:
         if reference is None:
-            raise ValueError("measure_agreement needs the reference session or a previous run")
-        sessions = {"reference": reference, **sessions}
-    seconds = dict.fromkeys(sessions, 0.0)
-    votes: dict[str, list[np.ndarray]] = {name: [] for name in sessions}
+            raise ValueError("measure_agreement needs the reference network or a previous run")
+        networks = {"reference": reference, **networks}
+    seconds = dict.fromkeys(networks, 0.0)
+    votes: dict[str, list[np.ndarray]] = {name: [] for name in networks}
     passes = 0
     draws = augmentations(crops, n_augmentations, CALIBRATION_SEED if seed is None else seed)
     for item, augs in zip(crops, draws, strict=True):
-        fusion = {name: FusionAccumulator(item.crop.shape, N_MODEL_CLASSES) for name in sessions}
+        fusion = {name: FusionAccumulator(item.crop.shape, N_MODEL_CLASSES) for name in networks}
         for aug in [None, *augs]:
             image = item.crop if aug is None else aug.apply(item.crop)
             batch, pads = pad_to_multiple(zscore(image)[None, None])
             batch = np.ascontiguousarray(batch, dtype=np.float32)
-            for name, session in sessions.items():
+            for name, network in networks.items():
                 start = time.perf_counter()
-                probs = session.run(batch)
+                probs = network.run(batch)
                 seconds[name] += time.perf_counter() - start
                 probs = unpad(probs, pads)[0]
                 if aug is not None:
                     probs = aug.invert(probs)
                 fusion[name].add(probs)
             passes += 1
-        for name in sessions:
+        for name in networks:
             votes[name].append(fusion[name].vote_counts())
 
     if previous is not None:

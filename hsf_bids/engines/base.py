@@ -12,12 +12,12 @@ from hsf_bids.errors import EX_USAGE, HsfBidsError
 
 
 @runtime_checkable
-class Session(Protocol):
+class Network(Protocol):
     """A loaded model, ready to run batches of crops.
 
     ``run`` takes a float32 array ``[batch, 1, x, y, z]`` (x, y, z multiples of 8) and returns the
     model's float32 probabilities ``[batch, C, x, y, z]`` (softmax is inside the published models).
-    A session is created once per process and reused for both sides and every subject.
+    A network is loaded once per process and reused for both sides and every subject.
     """
 
     path: Path
@@ -29,7 +29,7 @@ class Session(Protocol):
     def run(self, batch: np.ndarray) -> np.ndarray: ...
 
     def close(self) -> None:
-        """Release the backend's resources; the session must not be used afterwards."""
+        """Release the backend's resources; the network must not be used afterwards."""
         ...
 
 
@@ -49,7 +49,7 @@ class ModelLoadError(EngineError, ValueError):
 
 
 class InputShapeError(ValueError):
-    """A batch given to ``Session.run`` is not ``[batch, 1, x, y, z]`` with multiples of 8."""
+    """A batch given to ``Network.run`` is not ``[batch, 1, x, y, z]`` with multiples of 8."""
 
 
 def check_model_file(path: str | Path) -> Path:

@@ -1,7 +1,7 @@
 """DeepSparse engine: a legacy optional backend for HSF's sparse + int8 3.0.0 models.
 
 DeepSparse reached end of life in June 2025: 1.8 installs only on CPython 3.8-3.11 with numpy < 2,
-so it is an optional extra and imported only when a session is opened. Its engines have static
+so it is an optional extra and imported only when a network is opened. Its engines have static
 shapes, so one engine is compiled per input shape and kept.
 """
 
@@ -59,7 +59,7 @@ def stored_precision(path: Path) -> str:
     return "int8" if any(n.op_type in _INT8_OPS for n in model.graph.node) else "fp32"
 
 
-class DeepSparseSession:
+class DeepSparseNetwork:
     """A model run by DeepSparse on the CPU, compiled once per input shape.
 
     ``precision`` is what the stored graph holds (``int8`` for HSF's sparse+QAT models, else

@@ -29,8 +29,8 @@ def cuda_available() -> bool:
     return CUDA_PROVIDER in ort.get_available_providers()
 
 
-class OnnxRuntimeSession:
-    """A model loaded in an ``onnxruntime.InferenceSession`` (see :class:`~.base.Session`).
+class OnnxRuntimeNetwork:
+    """A model loaded in an ``onnxruntime.InferenceSession`` (see :class:`~.base.Network`).
 
     ``device`` says what actually runs: a CUDA request without a usable CUDA provider runs on
     the CPU (with a logged warning). Precision is always fp32: onnxruntime runs the graph as
@@ -81,20 +81,20 @@ class OnnxRuntimeSession:
                     CUDA_PROVIDER,
                 )
         try:
-            self._session = ort.InferenceSession(
+            self._ort = ort.InferenceSession(
                 str(self.path), sess_options=options, providers=providers
             )
         except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph types
             raise ModelLoadError(f"onnxruntime cannot load {self.path}: {exc}") from exc
 
         # The provider can be offered yet fail to initialise (missing CUDA libraries); onnxruntime
-        # then silently drops it, so ask the session what it really uses.
-        active = self._session.get_providers()
+        # then silently drops it, so ask onnxruntime what it really uses.
+        active = self._ort.get_providers()
         self.device = "cuda" if CUDA_PROVIDER in active else "cpu"
         if device == "cuda" and self.device == "cpu" and CUDA_PROVIDER in providers:
             log.warning("%s: the CUDA provider failed to start; running on the CPU", self.path.name)
 
-        inputs, outputs = self._session.get_inputs(), self._session.get_outputs()
+        inputs, outputs = self._ort.get_inputs(), self._ort.get_outputs()
         if len(inputs) != 1 or len(outputs) != 1:
             raise ModelLoadError(
                 f"{self.path}: expected one input and one output, "
@@ -103,7 +103,7 @@ class OnnxRuntimeSession:
         # By position, not by name: the contract does not promise the names.
         self.input_name = inputs[0].name
         self.output_name = outputs[0].name
-        # Give the arena's memory back after each run: otherwise every session of an ensemble
+        # Give the arena's memory back after each run: otherwise every network of an ensemble
         # keeps the peak of its own runs (about 340 MiB for a 48x56x56 crop of the ARUNet), five
         # sets held at once where one is in use. The cost per pass is within noise (measured).
         arenas = "cpu:0;gpu:0" if self.device == "cuda" else "cpu:0"
@@ -113,17 +113,17 @@ class OnnxRuntimeSession:
     def run(self, batch: np.ndarray) -> np.ndarray:
         """Probabilities ``[b, C, x, y, z]`` float32 for a ``[b, 1, x, y, z]`` batch."""
         array = check_batch(batch, self.path)
-        (probs,) = self._session.run(
+        (probs,) = self._ort.run(
             [self.output_name], {self.input_name: array}, self._run_options
         )
         return np.asarray(probs, dtype=np.float32)
 
     def close(self) -> None:
-        """Drop the onnxruntime session (its memory is freed with the last reference)."""
-        self._session = None
+        """Drop the onnxruntime InferenceSession (its memory is freed with the last reference)."""
+        self._ort = None
 
     def __repr__(self) -> str:
         return (
-            f"OnnxRuntimeSession({self.path.name}, device={self.device}, "
+            f"OnnxRuntimeNetwork({self.path.name}, device={self.device}, "
             f"precision={self.precision}, threads={self.threads})"
         )

@@ -6,7 +6,7 @@ convolutions carry int8 weights and quantise their inputs); the rest of its grap
 What OpenVINO does when bf16 is asked for on a CPU without bf16 hardware (measured with OpenVINO
 2026.4 on an AVX2-only AMD EPYC): no error and no emulation; the CPU plugin silently compiles the
 model in f32, and the compiled model's ``INFERENCE_PRECISION_HINT`` reads ``f32``. This module
-makes that explicit: it logs a warning and the session's ``precision`` attribute is read back from
+makes that explicit: it logs a warning and the network's ``precision`` attribute is read back from
 the compiled model, so it always names the precision that runs.
 
 Compiled models are cached on disk (OpenVINO's ``CACHE_DIR``, in ``<user cache>/hsf_bids/openvino``
@@ -80,8 +80,8 @@ def cpu_supports_bf16() -> bool:
     return "BF16" in cpu_capabilities()
 
 
-class OpenVinoSession:
-    """A model compiled by OpenVINO for the CPU (see :class:`~.base.Session`).
+class OpenVinoNetwork:
+    """A model compiled by OpenVINO for the CPU (see :class:`~.base.Network`).
 
     ``precision`` is what the compiled model reports, which is ``fp32`` when bf16 was requested
     on a CPU without bf16 support. ``run`` is serialised by a lock because one infer request is
@@ -176,6 +176,6 @@ class OpenVinoSession:
 
     def __repr__(self) -> str:
         return (
-            f"OpenVinoSession({self.path.name}, device={self.device}, "
+            f"OpenVinoNetwork({self.path.name}, device={self.device}, "
             f"precision={self.precision}, threads={self.threads})"
         )

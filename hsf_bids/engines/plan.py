@@ -175,7 +175,7 @@ def candidate_choices(
 
 
 class _Measurer:
-    """Loads the reference and candidate sessions and the calibration crops once, on demand;
+    """Loads the reference and candidate networks and the calibration crops once, on demand;
     caches what it measures on the template crops (never on a user's own crops)."""
 
     def __init__(
@@ -196,28 +196,28 @@ class _Measurer:
         return self._crops
 
     def measure(self, path: Path, xxh: str, choices: dict[Choice, str]) -> dict[str, Agreement]:
-        from hsf_bids.engines import open_session
+        from hsf_bids.engines import open_network
         from hsf_bids.engines.agreement import measure_agreement, store
 
         start = time.perf_counter()
         previous = self.measurements.get(path.name)
         reference = (
-            None if previous else open_session(path, engine="onnxruntime", threads=self.threads)
+            None if previous else open_network(path, engine="onnxruntime", threads=self.threads)
         )
-        sessions = {
-            c: (open_session(c.path, engine=c.engine, precision=c.precision, threads=self.threads),
+        networks = {
+            c: (open_network(c.path, engine=c.engine, precision=c.precision, threads=self.threads),
                 run_xxh)
             for c, run_xxh in choices.items()
         }  # fmt: skip
         try:
             measurement = measure_agreement(
-                path, xxh, reference, sessions, self.crops(), previous=previous
+                path, xxh, reference, networks, self.crops(), previous=previous
             )
         finally:
             if reference is not None:
                 reference.close()
-            for session, _ in sessions.values():
-                session.close()
+            for network, _ in networks.values():
+                network.close()
         if previous is None:
             self.measurements[path.name] = measurement
         else:

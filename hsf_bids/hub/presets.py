@@ -8,15 +8,23 @@ Format (HSF's, extended)::
     name: bagging_accurate          # presets: required; hub files: optional (default: file stem)
     version: "4.0.0"                # presets: required; hub files: optional
     description: ...                # optional for hub files
-    contrasts: [T1w, T2w]           # optional for hub files (default: T1w, T2w)
+    contrasts: [T1w, T2w]           # optional for hub files (default: T1w, T2w); see below
     ca_mode: "1/2/3"                # "1/2/3", "1/23", "123" or ""
     engine: null                    # optional engine hint, e.g. deepsparse
     labels: {0: {name: background, abbreviation: BG}, ...}      # optional for hub files
-    margins: {isotropic: [8, 8, 8], anisotropic: [16, 4, 16]}   # optional for hub files
+    margins: {isotropic: [8, 8, 8], anisotropic: [16, 4, 16]}   # optional for hub files; see below
     models_path: ...                # HSF's key, accepted and ignored (see the models folder)
     models:
       <local file name>.onnx: {url: ..., xxh3_64: <16 lowercase hex>, size: <bytes or null>}
     segmentation: {test_time_augmentation: true, test_time_num_aug: 20}
+
+What the pipeline does with them (none is ignored): ``contrasts`` are the contrasts the models
+accept (T1w and/or T2w; an image of another contrast is skipped with a warning, see
+:func:`hsf_bids.settings.select_jobs`); ``margins`` set the box margin unless ``--margin`` is
+given (``anisotropic`` is ``[thin, thick, thin]`` as for HSF's coronal slices and is applied
+along whichever axis has the thick slices); ``labels`` must be HSF's six channels (the label
+table and volumes are fixed), so a different one is refused; ``engine`` is a hint shown by
+``hsf-bids-models``.
 
 Naming scheme of the shipped presets: the current models (4.0.0) have HSF's bare names
 (``bagging_accurate``, ``bagging_fast``, ``single_accurate``, ``single_fast``); presets of an
@@ -41,7 +49,7 @@ from urllib.parse import unquote, urlsplit
 import yaml
 
 from hsf_bids.errors import EX_DATAERR, EX_NOINPUT, EX_USAGE, HsfBidsError
-from hsf_bids.vocabulary import CA_MODES
+from hsf_bids.vocabulary import CA_MODES, CONTRASTS
 
 __all__ = [
     "DEFAULT_LABELS",
@@ -132,10 +140,19 @@ class Label:
 
 @dataclass(frozen=True)
 class Margins:
-    """Box margins in voxels (L-R, P-A, I-S) for isotropic and thick-slice anisotropic images."""
+    """Box margins in voxels (L-R, P-A, I-S) for isotropic and thick-slice anisotropic images.
+
+    ``anisotropic`` is written for coronal slices, as in HSF: ``[thin, thick, thin]``. The
+    pipeline applies it along whichever axis has the thick slices (:attr:`thick_slice`).
+    """
 
     isotropic: tuple[int, int, int] = (8, 8, 8)
     anisotropic: tuple[int, int, int] = (16, 4, 16)
+
+    @property
+    def thick_slice(self) -> tuple[int, int]:
+        """``(thin, thick)``: the margin along thin and along thick axes."""
+        return self.anisotropic[0], self.anisotropic[1]
 
 
 DEFAULT_LABELS = (
@@ -296,13 +313,19 @@ def _parse(data: dict[str, Any], path: Path, *, builtin: bool) -> Preset:
     if engine is not None and (not isinstance(engine, str) or not engine):
         raise fail("'engine' must be an engine name such as deepsparse, or null")
 
-    contrasts = data.get("contrasts", ["T1w", "T2w"])
+    contrasts = data.get("contrasts", list(CONTRASTS))
     if (
         not isinstance(contrasts, list)
         or not contrasts
         or not all(isinstance(c, str) and c for c in contrasts)
     ):
         raise fail("'contrasts' must be a non-empty list of BIDS suffixes such as [T1w, T2w]")
+    unsupported = [c for c in contrasts if c not in CONTRASTS]
+    if unsupported:
+        raise fail(
+            f"contrasts: hsf_bids segments {' and '.join(CONTRASTS)} images only, not "
+            f"{', '.join(unsupported)}"
+        )
 
     models = _parse_models(data["models"], path, fail, builtin=builtin)
     tta, n_aug = _parse_segmentation(data["segmentation"], fail)
@@ -458,6 +481,16 @@ def _parse_labels(raw: Any, fail) -> tuple[Label, ...]:
     labels.sort(key=lambda lab: lab.index)
     if [lab.index for lab in labels] != list(range(len(labels))):
         raise fail("labels: channel indices must be 0, 1, 2, ... without gaps")
+    if tuple(labels) != DEFAULT_LABELS:
+        # The label table, the ca_mode merging and the volumes are HSF's six channels.
+        expected = ", ".join(
+            f"{lab.index}: {{name: {lab.name}, abbreviation: {lab.abbreviation}}}"
+            for lab in DEFAULT_LABELS
+        )
+        raise fail(
+            "labels: hsf_bids supports HSF's six output channels only; leave 'labels' out or "
+            f"give exactly {{{expected}}}"
+        )
     return tuple(labels)
 
 
@@ -473,6 +506,13 @@ def _parse_margins(raw: Any, fail) -> Margins:
         ):
             raise fail(f"margins: {key} must be three voxel counts >= 0 (L-R, P-A, I-S)")
         values[key] = tuple(value)
+    thin, thick, other = values["anisotropic"]
+    if other != thin:
+        raise fail(
+            f"margins: anisotropic {list(values['anisotropic'])} must be [thin, thick, thin] "
+            "(written for coronal slices, as in HSF): hsf_bids applies the thick value along "
+            f"whichever axis has thick slices, e.g. [{thin}, {thick}, {thin}]"
+        )
     return Margins(**values)
 
 

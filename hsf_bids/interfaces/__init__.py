@@ -1,4 +1,9 @@
-"""Thin Nipype interfaces over :mod:`hsf_bids.stages` (one per stage; no computation here)."""
+"""Thin Nipype interfaces over :mod:`hsf_bids.stages` (one per stage; no computation here).
+
+The segmentation settings reach every interface that reads them as one input, ``settings``: the
+JSON-ready dict of :meth:`hsf_bids.settings.SegmentationSettings.to_dict` (plain values, so the
+node's hash is deterministic, and any change of a setting reruns the nodes that read it).
+"""
 
 from __future__ import annotations
 
@@ -13,13 +18,27 @@ from nipype.interfaces.base import (
 )
 
 from hsf_bids import stages
+from hsf_bids.settings import SegmentationSettings
+
+
+def _settings_input() -> traits.Dict:
+    # Hashed as values: the models' checksums name their content, and a file path in it (a
+    # model, the hub file) must not rerun the work when only its timestamp changes.
+    return traits.Dict(
+        mandatory=True,
+        hash_files=False,
+        desc="SegmentationSettings.to_dict() of the run (models, seed, margins...)",
+    )
+
+
+def _settings(inputs) -> SegmentationSettings:  # noqa: ANN001
+    return SegmentationSettings.from_dict(inputs.settings)
 
 
 class _LocaliseInput(BaseInterfaceInputSpec):
     in_file = File(exists=True, mandatory=True, desc="head image (any orientation)")
     contrast = traits.Enum("T1w", "T2w", mandatory=True, desc="picks the template")
-    seed = traits.Int(mandatory=True)
-    margin = traits.Either(None, traits.List(traits.Int, minlen=3, maxlen=3), usedefault=True)
+    settings = _settings_input()
 
 
 class _LocaliseOutput(TraitedSpec):
@@ -35,11 +54,7 @@ class Localise(SimpleInterface):
     def _run_interface(self, runtime):  # noqa: ANN001, ANN202
         self._results["localisation"] = str(
             stages.localise(
-                self.inputs.in_file,
-                self.inputs.contrast,
-                runtime.cwd,
-                seed=self.inputs.seed,
-                margin=self.inputs.margin,
+                self.inputs.in_file, self.inputs.contrast, runtime.cwd, _settings(self.inputs)
             )
         )
         return runtime
@@ -48,7 +63,7 @@ class Localise(SimpleInterface):
 class _CoregisterInput(BaseInterfaceInputSpec):
     in_file = File(exists=True, mandatory=True, desc="the second contrast")
     reference = File(exists=True, mandatory=True, desc="the image whose grid outputs share")
-    seed = traits.Int(mandatory=True)
+    settings = _settings_input()
 
 
 class _CoregisterOutput(TraitedSpec):
@@ -64,7 +79,7 @@ class Coregister(SimpleInterface):
     def _run_interface(self, runtime):  # noqa: ANN001, ANN202
         self._results["out_file"] = str(
             stages.coregister(
-                self.inputs.in_file, self.inputs.reference, runtime.cwd, seed=self.inputs.seed
+                self.inputs.in_file, self.inputs.reference, runtime.cwd, _settings(self.inputs)
             )
         )
         return runtime
@@ -74,22 +89,7 @@ class _SegmentSideInput(BaseInterfaceInputSpec):
     in_files = traits.List(File(exists=True), minlen=1, mandatory=True)
     localisation = File(exists=True, mandatory=True)
     side = traits.Enum("right", "left", mandatory=True)
-    models = traits.List(
-        traits.Str, minlen=1, mandatory=True, desc="verified files the engines read, one a model"
-    )
-    checksums = traits.List(
-        traits.Str, mandatory=True, desc="those files' XXH3-64, so a changed model reruns"
-    )
-    engines = traits.List(
-        traits.Str, minlen=1, mandatory=True, desc="engine/precision/device of each model"
-    )
-    threads = traits.Int(1, usedefault=True)
-    ca_mode = traits.Str(mandatory=True)
-    fusion = traits.Enum("vote", "mean", mandatory=True)
-    seed = traits.Int(mandatory=True)
-    test_time_augmentation = traits.Bool(mandatory=True)
-    num_augmentations = traits.Int(mandatory=True)
-    batch_size = traits.Int(1, usedefault=True)
+    settings = _settings_input()
 
 
 class _SegmentSideOutput(TraitedSpec):
@@ -106,19 +106,7 @@ class SegmentSide(SimpleInterface):
     def _run_interface(self, runtime):  # noqa: ANN001, ANN202
         i = self.inputs
         labels, uncertainty = stages.segment_side(
-            i.in_files,
-            i.localisation,
-            i.side,
-            runtime.cwd,
-            models=i.models,
-            engines=i.engines,
-            threads=i.threads,
-            ca_mode=i.ca_mode,
-            fusion=i.fusion,
-            seed=i.seed,
-            test_time_augmentation=i.test_time_augmentation,
-            num_augmentations=i.num_augmentations,
-            batch_size=i.batch_size,
+            i.in_files, i.localisation, i.side, runtime.cwd, _settings(i)
         )
         self._results.update(labels=str(labels), uncertainty=str(uncertainty))
         return runtime
@@ -164,9 +152,8 @@ class _DerivativesInput(BaseInterfaceInputSpec):
     source_file = File(exists=True, mandatory=True, desc="the input image (names the outputs)")
     sources = traits.List(traits.Str, mandatory=True, desc="BIDS URIs of every input image")
     output_dir = traits.Str(mandatory=True)
-    ca_mode = traits.Str(mandatory=True)
     contrast = traits.Str(mandatory=True, desc="T1w, T2w or T1w+T2w")
-    provenance = traits.Dict(mandatory=True)
+    settings = _settings_input()
 
 
 class _DerivativesOutput(TraitedSpec):
@@ -190,9 +177,8 @@ class WriteDerivatives(SimpleInterface):
             source_file=i.source_file,
             sources=i.sources,
             output_dir=i.output_dir,
-            ca_mode=i.ca_mode,
             contrast=i.contrast,
-            provenance=i.provenance,
+            settings=_settings(i),
             out_dir=runtime.cwd,
         )
         self._results.update(

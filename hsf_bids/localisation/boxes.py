@@ -117,19 +117,24 @@ class Box:
         )
 
 
-def auto_margin(zooms: Sequence[float]) -> tuple[int, int, int]:
+def auto_margin(
+    zooms: Sequence[float],
+    isotropic: Sequence[int] = DEFAULT_MARGIN,
+    thick_slice: tuple[int, int] = THICK_SLICE_MARGIN,
+) -> tuple[int, int, int]:
     """The default margin (voxels per RAS+ axis) for voxel sizes ``zooms`` (mm, RAS+ order).
 
-    Nearly isotropic voxels (largest/smallest < 1.5): HSF's ``[8, 8, 8]``. Thick slices: HSF's
-    thick-slice rule generalised to any slice axis: 4 voxels along thick axes (size >= 1.5 x the
-    smallest), 16 along the others; a coronal 0.4 x 2 x 0.4 mm T2 gets ``[16, 4, 16]`` as in HSF.
+    Nearly isotropic voxels (largest/smallest < 1.5): ``isotropic`` (HSF's ``[8, 8, 8]``). Thick
+    slices: HSF's thick-slice rule generalised to any slice axis: ``thick_slice = (thin, thick)``
+    voxels, ``thick`` along thick axes (size >= 1.5 x the smallest), ``thin`` along the others;
+    with HSF's ``(16, 4)`` a coronal 0.4 x 2 x 0.4 mm T2 gets ``[16, 4, 16]`` as in HSF.
     """
     z = np.asarray(zooms, dtype=float)
     if z.shape != (3,) or np.any(z <= 0):
         raise ValueError(f"expected three positive voxel sizes, got {list(zooms)}")
     if z.max() / z.min() < ANISOTROPY_RATIO:
-        return DEFAULT_MARGIN
-    thin, thick = THICK_SLICE_MARGIN
+        return check_margin(isotropic)
+    thin, thick = thick_slice
     return tuple(thick if zi >= ANISOTROPY_RATIO * z.min() else thin for zi in z)
 
 

@@ -5,7 +5,13 @@ Arrays in, arrays out: nothing here reads or writes files.
 """
 
 from .augment import HSF_TTA, Augmentation, TTASettings, sample_augmentation, sample_augmentations
-from .ensemble import CropSegmentation, InputCropError, ModelOutputError, segment_crop
+from .ensemble import (
+    CropSegmentation,
+    EnsembleSettings,
+    InputCropError,
+    ModelOutputError,
+    segment_crop,
+)
 from .fuse import FusionAccumulator, UnknownFusionError, entropy, merge_ca, n_classes
 from .preprocess import ConstantCropError, pad_to_multiple, unpad, zscore
 
@@ -14,6 +20,7 @@ __all__ = [
     "Augmentation",
     "ConstantCropError",
     "CropSegmentation",
+    "EnsembleSettings",
     "FusionAccumulator",
     "InputCropError",
     "ModelOutputError",

@@ -2,7 +2,7 @@
 
 For every input crop (one contrast, or two for multispectral late fusion), the original and
 ``num_augmentations`` augmented copies are each augmented from the raw crop, z-scored, padded
-to multiples of 8 and batched through **every** model session. Each prediction is un-padded,
+to multiples of 8 and batched through **every** model network. Each prediction is un-padded,
 merged to ``ca_mode`` and mapped back onto the crop grid, then joins one
 :class:`~hsf_bids.segment.fuse.FusionAccumulator`.
 
@@ -19,7 +19,7 @@ engine whose output does not depend on the batch size, as the published models' 
 normalisation intends).
 
 Timing: the result carries the wall time of each phase (``timings``: ``augment`` = drawing and
-applying augmentations, z-scoring, padding; ``network`` = the sessions' forward passes;
+applying augmentations, z-scoring, padding; ``network`` = the networks' forward passes;
 ``invert`` = un-padding, ``ca_mode`` merging and inverting augmentations; ``fusion`` = the
 accumulator), so the overhead around the network can be measured; timing reads a clock only.
 """
@@ -32,14 +32,20 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from hsf_bids.engines.base import Session
-from hsf_bids.vocabulary import N_MODEL_CLASSES, label_names
+from hsf_bids.engines.base import Network
+from hsf_bids.vocabulary import FUSIONS, N_MODEL_CLASSES, label_names
 
 from .augment import HSF_TTA, Augmentation, TTASettings, sample_augmentations
 from .fuse import FusionAccumulator, UnknownFusionError, merge_ca, n_classes
 from .preprocess import pad_to_multiple, unpad, zscore
 
-__all__ = ["CropSegmentation", "InputCropError", "ModelOutputError", "segment_crop"]
+__all__ = [
+    "CropSegmentation",
+    "EnsembleSettings",
+    "InputCropError",
+    "ModelOutputError",
+    "segment_crop",
+]
 
 
 class InputCropError(ValueError):
@@ -47,7 +53,43 @@ class InputCropError(ValueError):
 
 
 class ModelOutputError(RuntimeError):
-    """A model session returned something that breaks the HSF output contract."""
+    """A model network returned something that breaks the HSF output contract."""
+
+
+@dataclass(frozen=True)
+class EnsembleSettings:
+    """How one crop is segmented by the ensemble (validated when built).
+
+    ca_mode : ``"1/2/3"``, ``"1/23"``, ``"123"`` or ``""`` (see :mod:`hsf_bids.segment.fuse`).
+    fusion : ``"vote"`` (HSF: plurality vote of every prediction's argmax, ties to the lower
+        label) or ``"mean"`` (argmax of the mean probability).
+    test_time_augmentation : add ``num_augmentations`` augmented copies per input to the
+        original.
+    num_augmentations : augmented copies per input (HSF: 20 for ``*_accurate`` presets).
+    batch_size : copies per forward pass; does not change the result.
+    augmentation : the augmentation ranges (HSF's by default).
+    """
+
+    ca_mode: str = "1/2/3"
+    fusion: str = "vote"
+    test_time_augmentation: bool = True
+    num_augmentations: int = 20
+    batch_size: int = 1
+    augmentation: TTASettings = HSF_TTA
+
+    def __post_init__(self) -> None:
+        n_classes(self.ca_mode)  # raises UnknownCaModeError
+        if self.fusion not in FUSIONS:
+            raise UnknownFusionError(f"unknown fusion {self.fusion!r}; expected 'vote' or 'mean'")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.test_time_augmentation and self.num_augmentations < 0:
+            raise ValueError(f"num_augmentations must be >= 0, got {self.num_augmentations}")
+
+    @property
+    def copies(self) -> int:
+        """Augmented copies per input actually drawn (0 without test-time augmentation)."""
+        return self.num_augmentations if self.test_time_augmentation else 0
 
 
 @dataclass(frozen=True)
@@ -116,11 +158,11 @@ def _resolve_rng(seed: int | np.random.Generator) -> np.random.Generator:
     return np.random.default_rng(seed)
 
 
-def _run_session(session: Session, batch: np.ndarray) -> np.ndarray:
-    probs = np.asarray(session.run(batch))
+def _run_network(network: Network, batch: np.ndarray) -> np.ndarray:
+    probs = np.asarray(network.run(batch))
     expected = (batch.shape[0], N_MODEL_CLASSES, *batch.shape[2:])
     if probs.shape != expected:
-        path = getattr(session, "path", "<unknown model>")
+        path = getattr(network, "path", "<unknown model>")
         raise ModelOutputError(
             f"model {path} returned shape {probs.shape} for input {batch.shape}; the HSF "
             f"contract expects {expected} (6 softmax channels)"
@@ -130,18 +172,13 @@ def _run_session(session: Session, batch: np.ndarray) -> np.ndarray:
 
 def segment_crop(
     inputs: Sequence[tuple[np.ndarray, Sequence[float]]],
-    sessions: Sequence[Session],
+    networks: Sequence[Network],
+    settings: EnsembleSettings = EnsembleSettings(),  # noqa: B008 - frozen, never mutated
     *,
-    ca_mode: str = "1/2/3",
-    test_time_augmentation: bool = True,
-    num_augmentations: int = 20,
-    fusion: str = "vote",
     seed: int | np.random.Generator = 0,
-    batch_size: int = 1,
     return_probabilities: bool = False,
-    tta_settings: TTASettings = HSF_TTA,
 ) -> CropSegmentation:
-    """Segment one crop (one side) with every session, with or without test-time augmentation.
+    """Segment one crop (one side) with every network, with or without test-time augmentation.
 
     Parameters
     ----------
@@ -149,34 +186,23 @@ def segment_crop(
         resolution, ``spacing`` its voxel size in mm. One item for one contrast; two for
         multispectral late fusion (e.g. a T2w resampled onto the T1w grid and cropped with the
         same box): every crop must have the same shape, and all predictions join one vote.
-    sessions : loaded models (:class:`hsf_bids.engines.base.Session`), each returning
+    networks : loaded models (:class:`hsf_bids.engines.base.Network`), each returning
         ``[b, 6, x, y, z]`` softmax probabilities.
-    ca_mode : ``"1/2/3"``, ``"1/23"``, ``"123"`` or ``""`` (see :mod:`hsf_bids.segment.fuse`).
-    test_time_augmentation : add ``num_augmentations`` augmented copies per input to the
-        original.
-    num_augmentations : augmented copies per input (HSF: 20 for ``*_accurate`` presets).
-    fusion : ``"vote"`` (HSF: plurality vote of every prediction's argmax, ties to the lower
-        label) or ``"mean"`` (argmax of the mean probability).
+    settings : ``ca_mode``, fusion, test-time augmentation and batch size
+        (:class:`EnsembleSettings`; HSF's by default).
     seed : an int seed or a :class:`numpy.random.Generator` for the augmentations.
-    batch_size : copies per forward pass; does not change the result.
     return_probabilities : also return the mean probability map.
-    tta_settings : the augmentation ranges (HSF's by default).
 
     Returns
     -------
     CropSegmentation
     """
     checked = _check_inputs(inputs)
-    if len(sessions) == 0:
-        raise ValueError("segment_crop needs at least one model session")
-    if fusion not in ("vote", "mean"):
-        raise UnknownFusionError(f"unknown fusion {fusion!r}; expected 'vote' or 'mean'")
+    if len(networks) == 0:
+        raise ValueError("segment_crop needs at least one model network")
+    ca_mode, fusion, batch_size = settings.ca_mode, settings.fusion, settings.batch_size
     n_labels = n_classes(ca_mode)
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    if test_time_augmentation and num_augmentations < 0:
-        raise ValueError(f"num_augmentations must be >= 0, got {num_augmentations}")
-    n_aug = num_augmentations if test_time_augmentation else 0
+    n_aug = settings.copies
 
     # Draw every augmentation before running anything: the draws then depend on the seed, the
     # inputs' shapes and spacings only, not on the batch size or the number of models.
@@ -193,7 +219,9 @@ def segment_crop(
     jobs: list[tuple[int, Augmentation | None]] = []
     for index, (crop, spacing) in enumerate(checked):
         jobs.append((index, None))
-        augs = sample_augmentations(rng, n_aug, crop.shape, spacing, tta_settings) if n_aug else []
+        augs = []
+        if n_aug:
+            augs = sample_augmentations(rng, n_aug, crop.shape, spacing, settings.augmentation)
         jobs.extend((index, aug) for aug in augs)
 
     shape = checked[0][0].shape
@@ -216,8 +244,8 @@ def segment_crop(
         lap("augment")
         # [models, batch, C, x, y, z], merged to ca_mode on the padded grid's crop region.
         predictions = []
-        for s in sessions:
-            probs = _run_session(s, batch)
+        for s in networks:
+            probs = _run_network(s, batch)
             lap("network")
             predictions.append(merge_ca(unpad(probs, pads), ca_mode))
             lap("invert")
@@ -237,9 +265,9 @@ def segment_crop(
                 lap("fusion")
                 if aug is not None:
                     # Background fill outside the field of view must weigh as many models.
-                    total = aug.invert(total / len(sessions)) * len(sessions)
+                    total = aug.invert(total / len(networks)) * len(networks)
                 lap("invert")
-                accumulator.add_sum(total, len(sessions))
+                accumulator.add_sum(total, len(networks))
                 lap("fusion")
 
     labels, uncertainty = accumulator.result(fusion)
