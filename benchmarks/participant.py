@@ -352,14 +352,22 @@ def gate_tables(args: argparse.Namespace) -> list[dict]:
         if find_int8(demo_folder, path.name, xxh) is None:
             quantize_model(path, demo_folder, xxh)
     measured = measure_models(paths, checksums, demo_folder, threads=args.nprocs)
-    tables.append({"title": "demo models, template crops (the gate)",
-                   "agreements": [a for m in measured for a in m.agreements.values()]})
+    tables.append(
+        {
+            "title": "demo models, template crops (the gate)",
+            "agreements": [a for m in measured for a in m.agreements.values()],
+        }
+    )
     contrasts = ["T2w" if "_T2w" in rel else "T1w" for rel in args.agreement_images]
     crops = image_crops([args.bids_dir / rel for rel in args.agreement_images], contrasts)
     measured = measure_models(paths, checksums, demo_folder, crops=crops, threads=args.nprocs)
     names = ", ".join(Path(rel).name for rel in args.agreement_images)
-    tables.append({"title": f"demo models, ds-mini crops ({names})",
-                   "agreements": [a for m in measured for a in m.agreements.values()]})
+    tables.append(
+        {
+            "title": f"demo models, ds-mini crops ({names})",
+            "agreements": [a for m in measured for a in m.agreements.values()],
+        }
+    )
     return tables
 
 
@@ -393,10 +401,12 @@ def markdown(machine: list[str], runs: list[dict], skipped: list[str], tables: l
              args: argparse.Namespace) -> str:  # fmt: skip
     lines = ["## Participant-level benchmark", "", *machine, ""]
     head = f"`{args.participant}` `{args.session or ''}`".replace(" ``", "")
-    lines.append(f"Participant runs of {head} of `{args.bids_dir.name}`, a fresh process and "
-                 f"work folder each, `--nprocs {args.nprocs}`, {args.runs} run(s) per row: the "
-                 "run of median total time, its seconds per stage (wall), the range of the "
-                 "totals and the highest peak RSS.")
+    lines.append(
+        f"Participant runs of {head} of `{args.bids_dir.name}`, a fresh process and "
+        f"work folder each, `--nprocs {args.nprocs}`, {args.runs} run(s) per row: the "
+        "run of median total time, its seconds per stage (wall), the range of the "
+        "totals and the highest peak RSS."
+    )
     lines.append("")
     hsf_rows = {row["preset"]: row for row in (hsf[1] if hsf else [])}
     header = ["preset", "engine", "runs", "total (s)", "range (s)", "HSF 1.2.3 / this",
@@ -452,15 +462,21 @@ def markdown(machine: list[str], runs: list[dict], skipped: list[str], tables: l
                          f"machine): {prepared['gate_s']:.0f} s; auto runs: "
                          f"{', '.join(prepared['plan'])}")  # fmt: skip
     if forward:
-        lines += ["", "One bare forward pass of the random ARUNet (seed 0), "
-                  f"`[1, 1, {', '.join(map(str, args.shape))}]`, median of {args.repeat}:", ""]
+        lines += [
+            "",
+            "One bare forward pass of the random ARUNet (seed 0), "
+            f"`[1, 1, {', '.join(map(str, args.shape))}]`, median of {args.repeat}:",
+            "",
+        ]
         lines += [f"- {engine}: {seconds:.3f} s" for engine, seconds in forward.items()]
     for table in tables:
         lines += ["", f"Agreement with onnxruntime fp32, {table['title']}: lowest Dice per "
                   "structure and contrast of the fused labels (original + 2 augmentations per "
                   "crop, HSF's vote), seconds per pass on those crops:", ""]  # fmt: skip
-        lines.append("| model | choice | lowest Dice | passes 0.98 | s per pass | "
-                     "onnxruntime fp32 s per pass | per contrast |")
+        lines.append(
+            "| model | choice | lowest Dice | passes 0.98 | s per pass | "
+            "onnxruntime fp32 s per pass | per contrast |"
+        )
         lines.append("|---|---|---|---|---|---|---|")
         for a in table["agreements"]:
             per = "; ".join(
@@ -486,25 +502,41 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--nprocs", type=int, default=min(2, os.cpu_count() or 1))
     parser.add_argument("--cache", type=Path, default=Path(tempfile.gettempdir()) / "hsf_bench")
-    parser.add_argument("--models-dir", type=Path,
-                        help="models folder of the runs (default: <cache>/models)")
+    parser.add_argument(
+        "--models-dir", type=Path, help="models folder of the runs (default: <cache>/models)"
+    )
     parser.add_argument("--work", type=Path, help="runs' folders (default: a temporary one)")
     parser.add_argument("--demo-models", type=Path, default=SHARED / "models" / "demo")
     parser.add_argument("--agreement-images", nargs="+",
                         default=["sub-04/ses-01/anat/sub-04_ses-01_T1w.nii.gz",
                                  "sub-02/anat/sub-02_T2w.nii.gz"])  # fmt: skip
-    parser.add_argument("--shape", type=int, nargs=3, default=[48, 56, 56],
-                        help="bare forward-pass crop (default: sub-04's padded 40x53x53 box)")
+    parser.add_argument(
+        "--shape",
+        type=int,
+        nargs=3,
+        default=[48, 56, 56],
+        help="bare forward-pass crop (default: sub-04's padded 40x53x53 box)",
+    )
     parser.add_argument("--repeat", type=int, default=3, help="bare forward passes per engine")
-    parser.add_argument("--runs", type=int, default=3,
-                        help="participant runs per preset and engine (the median is shown)")
-    parser.add_argument("--hsf", action="store_true",
-                        help="also run HSF 1.2.3 on the same presets (hsf_baseline.py)")
+    parser.add_argument(
+        "--runs",
+        type=int,
+        default=3,
+        help="participant runs per preset and engine (the median is shown)",
+    )
+    parser.add_argument(
+        "--hsf",
+        action="store_true",
+        help="also run HSF 1.2.3 on the same presets (hsf_baseline.py)",
+    )
     parser.add_argument("--hsf-runs", type=int, help="HSF runs per preset (default: --runs)")
     parser.add_argument("--no-agreement", action="store_true")
     parser.add_argument("--agreement-only", action="store_true")
-    parser.add_argument("--quick", action="store_true",
-                        help="single_fast with auto and onnxruntime fp32, one run, no tables")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="single_fast with auto and onnxruntime fp32, one run, no tables",
+    )
     parser.add_argument("--output", type=Path, help="also write the Markdown table here")
     parser.add_argument("--prepare-only", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)

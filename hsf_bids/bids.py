@@ -320,9 +320,7 @@ def _parse_validator_output(path: Path, stdout: str, stderr: str) -> tuple[list[
     try:
         issues = json.loads(stdout)["issues"]["issues"]
     except (json.JSONDecodeError, KeyError) as exc:
-        raise RuntimeError(
-            f"the BIDS validator failed on {path}: {stderr.strip()[:2000]}"
-        ) from exc
+        raise RuntimeError(f"the BIDS validator failed on {path}: {stderr.strip()[:2000]}") from exc
     grouped: dict[tuple[str, str], list[str]] = {}
     for issue in issues:
         where = issue.get("location") or issue.get("affects") or ""

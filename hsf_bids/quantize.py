@@ -92,10 +92,9 @@ def find_int8(folder: Path, model_name: str, model_xxh3_64: str) -> Int8Model | 
         log.info("%s: made from another version of %s; ignored", record_path, model_name)
         return None
     try:
-        intact = (
-            xxh3_64_file(xml) == record.get("xml_xxh3_64")
-            and xxh3_64_file(bin_) == record.get("bin_xxh3_64")
-        )
+        intact = xxh3_64_file(xml) == record.get("xml_xxh3_64") and xxh3_64_file(
+            bin_
+        ) == record.get("bin_xxh3_64")
     except OSError:
         intact = False
     if not intact:

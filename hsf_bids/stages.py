@@ -36,6 +36,7 @@ from hsf_bids.vocabulary import SIDES
 
 LOCALISATION_JSON = "localisation.json"
 
+
 def read_localisation(path: str | os.PathLike[str]) -> dict[str, Any]:
     """A localisation written by :func:`localise` (boxes as :class:`Box`)."""
     data = json.loads(Path(path).read_text())

@@ -90,5 +90,3 @@ def peak_rss_mib() -> float | None:
 def read_timing(path: str | os.PathLike[str]) -> dict[str, Any]:
     """A record written by :meth:`StageTimer.write`."""
     return json.loads(Path(path).read_text())
-
-

@@ -50,9 +50,7 @@ def test_labels_with_or_without_prefix_and_sessions(ds_mini):
 def test_bids_filter_file(ds_mini, tmp_path):
     path = tmp_path / "filter.json"
     path.write_text(json.dumps({"t1w": {"session": "02"}}))
-    jobs, _ = collect_jobs(
-        ds_mini, participant_labels=["04"], bids_filters=load_bids_filters(path)
-    )
+    jobs, _ = collect_jobs(ds_mini, participant_labels=["04"], bids_filters=load_bids_filters(path))
     assert names(jobs) == [("sub-04_ses-02_T1w", None)]
 
 

@@ -98,9 +98,7 @@ def test_unknown_participant(capsys, ds_mini, tmp_path, demo_hub):
         "--hub", demo_hub, "--skip-bids-validation",
     )  # fmt: skip
     assert code == 18
-    assert (
-        f"participant label(s) not found in {ds_mini}: 99 (present: 01, 02, 03, 04)" in err
-    )
+    assert f"participant label(s) not found in {ds_mini}: 99 (present: 01, 02, 03, 04)" in err
 
 
 def test_unknown_session(capsys, ds_mini, tmp_path, demo_hub):

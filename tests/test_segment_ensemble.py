@@ -136,9 +136,7 @@ def test_vote_without_tta_equals_the_independent_implementation(
 
 def test_demo_models_find_subfields_in_both_crops(crops, networks):
     for side in ("left", "right"):
-        result = segment_crop(
-            [(crops[("T1w", side)], (1.0, 1.0, 1.0))], networks, NO_TTA
-        )
+        result = segment_crop([(crops[("T1w", side)], (1.0, 1.0, 1.0))], networks, NO_TTA)
         counts = np.bincount(result.labels.ravel(), minlength=6)
         # DG, CA1 and SUB are each hundreds of voxels (the report's volumes: ~1400/1100/450).
         for label, name in ((1, "DG"), (2, "CA1"), (5, "SUB")):

@@ -100,8 +100,10 @@ def test_openvino_fp32_agrees_with_onnxruntime_fp32_on_a_real_crop(demo_models, 
             networks = [load_network(m, engine=engine, precision="fp32", threads=2)
                         for m in demo_models]  # fmt: skip
             labels[engine] = segment_crop(
-                [item], networks,
-                EnsembleSettings(test_time_augmentation=tta, num_augmentations=2), seed=3,
+                [item],
+                networks,
+                EnsembleSettings(test_time_augmentation=tta, num_augmentations=2),
+                seed=3,
             ).labels
         ref = labels["onnxruntime"]
         assert {1, 2, 4, 5} <= set(np.unique(ref).tolist()), side  # a real segmentation

@@ -112,9 +112,12 @@ def run_group(config: RunConfig) -> int:
     n_flagged = int((wide["n_flags"] > 0).sum())
     LOGGER.info(
         "group tables of %d image(s) in %s and %s; %d flagged; report %s",
-        len(wide), out / WIDE_TSV, out / LONG_TSV, n_flagged, out / REPORT_HTML,
+        len(wide),
+        out / WIDE_TSV,
+        out / LONG_TSV,
+        n_flagged,
+        out / REPORT_HTML,
     )
     for row in failures.itertuples():
         LOGGER.warning("%s %s: %s", row.participant_id, row.status, row.reason)
     return ex.EX_OK
-

@@ -62,7 +62,9 @@ def _validate_input(pending: PendingValidation | None) -> int | None:
         LOGGER.error(
             "the input dataset %s is not valid BIDS (%d kind(s) of error); fix it or pass "
             "--skip-bids-validation:\n  %s",
-            pending.path, len(errors), "\n  ".join(errors),
+            pending.path,
+            len(errors),
+            "\n  ".join(errors),
         )
         return ex.EX_BIDS_INVALID
     return None

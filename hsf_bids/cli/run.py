@@ -33,9 +33,7 @@ def _check_folders(bids_dir: Path, output_dir: Path, work_dir: Path, level: str)
     The group level reads what the participant level wrote, so its output folder must exist.
     """
     if not bids_dir.is_dir():
-        raise UsageError(
-            f"the BIDS folder {bids_dir} does not exist", exit_code=ex.EX_NOINPUT
-        )
+        raise UsageError(f"the BIDS folder {bids_dir} does not exist", exit_code=ex.EX_NOINPUT)
     if not (bids_dir / "dataset_description.json").is_file():
         raise UsageError(
             f"{bids_dir} is not a BIDS dataset: {bids_dir / 'dataset_description.json'} is missing",

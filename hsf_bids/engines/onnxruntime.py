@@ -113,9 +113,7 @@ class OnnxRuntimeNetwork:
     def run(self, batch: np.ndarray) -> np.ndarray:
         """Probabilities ``[b, C, x, y, z]`` float32 for a ``[b, 1, x, y, z]`` batch."""
         array = check_batch(batch, self.path)
-        (probs,) = self._ort.run(
-            [self.output_name], {self.input_name: array}, self._run_options
-        )
+        (probs,) = self._ort.run([self.output_name], {self.input_name: array}, self._run_options)
         return np.asarray(probs, dtype=np.float32)
 
     def close(self) -> None:

@@ -41,7 +41,6 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 
-
 @dataclass(frozen=True)
 class ModelRun:
     """How one model of the preset runs."""

@@ -92,9 +92,7 @@ def source_name(path: str | PathLike[str]) -> str:
     return Path(path).name.split("_space-")[0]
 
 
-def volumes_tables(
-    output_dir: str | PathLike[str], participants: Sequence[str] = ()
-) -> list[Path]:
+def volumes_tables(output_dir: str | PathLike[str], participants: Sequence[str] = ()) -> list[Path]:
     """Every subject's (or ``participants``') ``desc-subfields_volumes.tsv``, sorted."""
     dirs = _subject_dirs(output_dir, participants)
     return sorted(p for d in dirs for p in _find(d, _VOLUMES))
@@ -105,9 +103,7 @@ def session_of(path: str | PathLike[str]) -> str | None:
     return next((p[4:] for p in Path(path).name.split("_") if p.startswith("ses-")), None)
 
 
-def subject_volumes_tables(
-    output_dir: str | PathLike[str], subject: str
-) -> dict[str | None, Path]:
+def subject_volumes_tables(output_dir: str | PathLike[str], subject: str) -> dict[str | None, Path]:
     """One subject's volumes tables by session label (None without sessions)."""
     return {session_of(p): p for p in volumes_tables(output_dir, [subject])}
 
