@@ -302,7 +302,7 @@ def _shifted_copy(participant_out: Path, tmp_path: Path, shift_mm: float) -> tup
     ras, _ = to_ras(load_anat(source))
     moved = np.asarray(loc["template_to_subject"], dtype=float)
     moved[0, 3] += shift_mm
-    broken = assess(ras, "T1w", moved).to_dict()  # a clipped box: notes in "warnings"
+    broken = assess(ras, "T1w", moved).to_dict()  # its notes, if any, go to "warnings"
     keys = ("boxes", "qc", "checks", "localisation_ok", "warnings", "template_to_subject")
     loc.update({key: broken[key] for key in keys})
     sidecar_file.write_text(json.dumps(sidecar, indent=2))
