@@ -16,7 +16,6 @@ import argparse
 import os
 import sys
 import time
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -77,9 +76,7 @@ def main(argv: list[str] | None = None) -> int:
         tx = L.register_template(ras, contrast, seed=args.seed, threads=args.threads)
         times["register"] = time.perf_counter() - t
         t = time.perf_counter()
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            loc = L.assess(ras, contrast, tx)
+        loc = L.assess(ras, contrast, tx)
         times["boxes+QC"] = time.perf_counter() - t
         t = time.perf_counter()
         data = np.asarray(ras.dataobj)
@@ -89,9 +86,7 @@ def main(argv: list[str] | None = None) -> int:
         same = "-"
         if not args.no_repeat:
             tx2 = L.register_template(ras, contrast, seed=args.seed, threads=args.threads)
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                loc2 = L.assess(ras, contrast, tx2)
+            loc2 = L.assess(ras, contrast, tx2)
             same = "yes" if np.array_equal(tx, tx2) and loc2.boxes == loc.boxes else "NO"
         shapes = " / ".join("x".join(str(s) for s in c.shape) for c in crops)
         rows.append((path.name, "x".join(map(str, img.shape)), times, total, shapes, loc, same))

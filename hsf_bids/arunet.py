@@ -69,19 +69,17 @@ class _GraphBuilder:
         return name
 
     def const(self, value: float) -> str:
-        key = repr(float(value))
-        if key not in self._consts:
-            out = f"const_{len(self._consts)}"
-            tensor = numpy_helper.from_array(np.array(value, dtype=np.float32), out)
-            self.nodes.append(helper.make_node("Constant", [], [out], value=tensor))
-            self._consts[key] = out
-        return self._consts[key]
+        out = f"const_{len(self._consts)}"
+        return self._constant(repr(float(value)), out, np.array(value, dtype=np.float32))
 
     def index(self, value: int) -> str:
-        key = f"int64:{value}"
+        return self._constant(f"int64:{value}", f"index_{value}", np.array(value, dtype=np.int64))
+
+    def _constant(self, key: str, out: str, array: np.ndarray) -> str:
+        """The name of a ``Constant`` node holding ``array``: added as ``out`` the first time
+        ``key`` is asked for, reused afterwards."""
         if key not in self._consts:
-            out = f"index_{value}"
-            tensor = numpy_helper.from_array(np.array(value, dtype=np.int64), out)
+            tensor = numpy_helper.from_array(array, out)
             self.nodes.append(helper.make_node("Constant", [], [out], value=tensor))
             self._consts[key] = out
         return self._consts[key]

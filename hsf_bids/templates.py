@@ -92,38 +92,28 @@ def atlas_path() -> Path:
     )
 
 
-def _read_only(img: nib.Nifti1Image, dtype: type) -> nib.Nifti1Image:
-    """An in-memory copy with a read-only array: cached images are shared by every caller."""
-    data = np.asarray(img.dataobj, dtype=dtype)
-    data.setflags(write=False)
-    out = nib.Nifti1Image(data, img.affine, header=img.header)
-    out.set_data_dtype(dtype)
-    out.header.set_slope_inter(None, None)  # the data are already scaled
-    return out
-
-
-@lru_cache(maxsize=4)
-def _load_template(path: Path) -> nib.Nifti1Image:
+@lru_cache(maxsize=6)
+def _load_read_only(path: Path, dtype: type, what: str) -> nib.Nifti1Image:
+    """The image at ``path`` in memory as ``dtype``, with a read-only array: cached images are
+    shared by every caller. An unreadable file raises :class:`TemplateError` naming ``what``."""
     try:
-        # float32: nibabel applies the int16 files' 0.05 scale factor here.
-        return _read_only(nib.load(path), np.float32)
+        img = nib.load(path)
+        data = np.asarray(img.dataobj, dtype=dtype)
+        data.setflags(write=False)
+        out = nib.Nifti1Image(data, img.affine, header=img.header)
+        out.set_data_dtype(dtype)
+        out.header.set_slope_inter(None, None)  # the data are already scaled
+        return out
     except Exception as exc:
-        raise TemplateError(f"{path}: cannot read the template: {exc}") from exc
-
-
-@lru_cache(maxsize=2)
-def _load_atlas(path: Path) -> nib.Nifti1Image:
-    try:
-        return _read_only(nib.load(path), np.int16)
-    except Exception as exc:
-        raise TemplateError(f"{path}: cannot read the atlas: {exc}") from exc
+        raise TemplateError(f"{path}: cannot read the {what}: {exc}") from exc
 
 
 def load_template(contrast: str) -> nib.Nifti1Image:
     """The res-1 template of ``contrast`` as a float32 image (read-only array, cached in memory)."""
-    return _load_template(template_path(contrast))
+    # float32: nibabel applies the int16 files' 0.05 scale factor here.
+    return _load_read_only(template_path(contrast), np.float32, "template")
 
 
 def load_atlas() -> nib.Nifti1Image:
     """The res-1 CerebrA atlas as an int16 label image (read-only array, cached in memory)."""
-    return _load_atlas(atlas_path())
+    return _load_read_only(atlas_path(), np.int16, "atlas")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Sized
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
@@ -82,9 +83,66 @@ def check_batch(batch: np.ndarray, path: Path) -> np.ndarray:
     return np.ascontiguousarray(array, dtype=np.float32)
 
 
+def check_one_input_one_output(path: Path, inputs: Sized, outputs: Sized) -> None:
+    """Raise :class:`ModelLoadError` naming ``path`` unless the loaded model has exactly one
+    input and one output (the HSF contract)."""
+    if len(inputs) != 1 or len(outputs) != 1:
+        raise ModelLoadError(
+            f"{path}: expected one input and one output, found {len(inputs)} and {len(outputs)}"
+        )
+
+
 def default_threads() -> int:
     """CPU cores this process may use (its affinity mask), at least 1."""
     try:
         return max(len(os.sched_getaffinity(0)), 1)
     except AttributeError:  # not on Linux
         return max(os.cpu_count() or 1, 1)
+
+
+class BaseNetwork:
+    """What the engines' networks share (each is a :class:`Network`).
+
+    In: the model file, the requested ``device`` and ``precision`` (``None``: the engine's
+    default) and the intra-op ``threads`` (default :func:`default_threads`). The file is checked
+    and the thread count fixed here; a subclass names its ``engine`` and implements ``_open``
+    (load the model, set ``device`` and ``precision`` to what actually runs, or raise
+    :class:`EngineUnavailableError` / :class:`ModelLoadError`), ``_infer`` (a batch already
+    checked by :func:`check_batch` in, float32 probabilities out) and ``close``.
+    """
+
+    engine: str
+    device: str
+    precision: str
+
+    def __init__(
+        self,
+        path: str | Path,
+        *,
+        device: str = "cpu",
+        precision: str | None = None,
+        threads: int | None = None,
+    ) -> None:
+        self.path = check_model_file(path)
+        self.threads = int(threads) if threads else default_threads()
+        self._open(device, precision)
+
+    def _open(self, device: str, precision: str | None) -> None:
+        raise NotImplementedError
+
+    def _infer(self, array: np.ndarray) -> np.ndarray:
+        raise NotImplementedError
+
+    def run(self, batch: np.ndarray) -> np.ndarray:
+        """Probabilities ``[b, C, x, y, z]`` float32 for a ``[b, 1, x, y, z]`` batch."""
+        return self._infer(check_batch(batch, self.path))
+
+    def close(self) -> None:
+        """Release the backend's resources; the network must not be used afterwards."""
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}({self.path.name}, device={self.device}, "
+            f"precision={self.precision}, threads={self.threads})"
+        )

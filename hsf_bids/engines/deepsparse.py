@@ -13,13 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from hsf_bids.engines.base import (
-    EngineUnavailableError,
-    ModelLoadError,
-    check_batch,
-    check_model_file,
-    default_threads,
-)
+from hsf_bids.engines.base import BaseNetwork, EngineUnavailableError, ModelLoadError
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +53,7 @@ def stored_precision(path: Path) -> str:
     return "int8" if any(n.op_type in _INT8_OPS for n in model.graph.node) else "fp32"
 
 
-class DeepSparseNetwork:
+class DeepSparseNetwork(BaseNetwork):
     """A model run by DeepSparse on the CPU, compiled once per input shape.
 
     ``precision`` is what the stored graph holds (``int8`` for HSF's sparse+QAT models, else
@@ -68,20 +62,11 @@ class DeepSparseNetwork:
 
     engine = ENGINE
 
-    def __init__(
-        self,
-        path: str | Path,
-        *,
-        device: str = "cpu",
-        precision: str | None = None,
-        threads: int | None = None,
-    ) -> None:
-        self.path = check_model_file(path)
+    def _open(self, device: str, precision: str | None) -> None:
         self._deepsparse = import_deepsparse()
         if device != "cpu":
             raise EngineUnavailableError(f"deepsparse runs on the CPU only, not {device!r}")
         self.device = "cpu"
-        self.threads = int(threads) if threads else default_threads()
         try:
             self.precision = stored_precision(self.path)
         except Exception as exc:
@@ -114,9 +99,7 @@ class DeepSparseNetwork:
             self._engines[shape] = engine
         return engine
 
-    def run(self, batch: np.ndarray) -> np.ndarray:
-        """Probabilities ``[b, C, x, y, z]`` float32 for a ``[b, 1, x, y, z]`` batch."""
-        array = check_batch(batch, self.path)
+    def _infer(self, array: np.ndarray) -> np.ndarray:
         with self._lock:
             outputs = self._engine_for(array.shape).run([array])
         return np.asarray(outputs[0], dtype=np.float32)

@@ -3,16 +3,14 @@
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 
 import numpy as np
 
 from hsf_bids.engines.base import (
+    BaseNetwork,
     EngineUnavailableError,
     ModelLoadError,
-    check_batch,
-    check_model_file,
-    default_threads,
+    check_one_input_one_output,
 )
 
 log = logging.getLogger(__name__)
@@ -29,7 +27,7 @@ def cuda_available() -> bool:
     return CUDA_PROVIDER in ort.get_available_providers()
 
 
-class OnnxRuntimeNetwork:
+class OnnxRuntimeNetwork(BaseNetwork):
     """A model loaded in an ``onnxruntime.InferenceSession`` (see :class:`~.base.Network`).
 
     ``device`` says what actually runs: a CUDA request without a usable CUDA provider runs on
@@ -39,17 +37,9 @@ class OnnxRuntimeNetwork:
 
     engine = ENGINE
 
-    def __init__(
-        self,
-        path: str | Path,
-        *,
-        device: str = "cpu",
-        precision: str | None = None,
-        threads: int | None = None,
-    ) -> None:
+    def _open(self, device: str, precision: str | None) -> None:
         import onnxruntime as ort
 
-        self.path = check_model_file(path)
         if precision not in (None, "fp32"):
             raise EngineUnavailableError(
                 f"onnxruntime runs models in fp32 only, not {precision!r}; "
@@ -58,7 +48,6 @@ class OnnxRuntimeNetwork:
         if device not in ("cpu", "cuda"):
             raise EngineUnavailableError(f"unknown device {device!r}; expected 'cpu' or 'cuda'")
         self.precision = "fp32"
-        self.threads = int(threads) if threads else default_threads()
 
         options = ort.SessionOptions()
         # One crop at a time: parallelism inside each operator; the rest of the run's CPU budget
@@ -95,11 +84,7 @@ class OnnxRuntimeNetwork:
             log.warning("%s: the CUDA provider failed to start; running on the CPU", self.path.name)
 
         inputs, outputs = self._ort.get_inputs(), self._ort.get_outputs()
-        if len(inputs) != 1 or len(outputs) != 1:
-            raise ModelLoadError(
-                f"{self.path}: expected one input and one output, "
-                f"found {len(inputs)} and {len(outputs)}"
-            )
+        check_one_input_one_output(self.path, inputs, outputs)
         # By position, not by name: the contract does not promise the names.
         self.input_name = inputs[0].name
         self.output_name = outputs[0].name
@@ -110,18 +95,10 @@ class OnnxRuntimeNetwork:
         self._run_options = ort.RunOptions()
         self._run_options.add_run_config_entry("memory.enable_memory_arena_shrinkage", arenas)
 
-    def run(self, batch: np.ndarray) -> np.ndarray:
-        """Probabilities ``[b, C, x, y, z]`` float32 for a ``[b, 1, x, y, z]`` batch."""
-        array = check_batch(batch, self.path)
+    def _infer(self, array: np.ndarray) -> np.ndarray:
         (probs,) = self._ort.run([self.output_name], {self.input_name: array}, self._run_options)
         return np.asarray(probs, dtype=np.float32)
 
     def close(self) -> None:
         """Drop the onnxruntime InferenceSession (its memory is freed with the last reference)."""
         self._ort = None
-
-    def __repr__(self) -> str:
-        return (
-            f"OnnxRuntimeNetwork({self.path.name}, device={self.device}, "
-            f"precision={self.precision}, threads={self.threads})"
-        )

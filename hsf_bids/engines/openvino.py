@@ -29,11 +29,10 @@ from pathlib import Path
 import numpy as np
 
 from hsf_bids.engines.base import (
+    BaseNetwork,
     EngineUnavailableError,
     ModelLoadError,
-    check_batch,
-    check_model_file,
-    default_threads,
+    check_one_input_one_output,
 )
 
 log = logging.getLogger(__name__)
@@ -80,7 +79,7 @@ def cpu_supports_bf16() -> bool:
     return "BF16" in cpu_capabilities()
 
 
-class OpenVinoNetwork:
+class OpenVinoNetwork(BaseNetwork):
     """A model compiled by OpenVINO for the CPU (see :class:`~.base.Network`).
 
     ``precision`` is what the compiled model reports, which is ``fp32`` when bf16 was requested
@@ -90,15 +89,7 @@ class OpenVinoNetwork:
 
     engine = ENGINE
 
-    def __init__(
-        self,
-        path: str | Path,
-        *,
-        device: str = "cpu",
-        precision: str | None = None,
-        threads: int | None = None,
-    ) -> None:
-        self.path = check_model_file(path)
+    def _open(self, device: str, precision: str | None) -> None:
         requested = precision or "fp32"
         if requested not in _HINTS:
             raise EngineUnavailableError(
@@ -115,7 +106,6 @@ class OpenVinoNetwork:
                 "use engine 'onnxruntime' for cuda"
             )
         self.device = "cpu"
-        self.threads = int(threads) if threads else default_threads()
 
         config = {
             "INFERENCE_PRECISION_HINT": _HINTS[requested],
@@ -133,12 +123,7 @@ class OpenVinoNetwork:
                 self._compiled = core.compile_model(str(self.path), "CPU", config)
         except Exception as exc:  # OpenVINO raises plain RuntimeError with its own text
             raise ModelLoadError(f"openvino cannot load {self.path}: {exc}") from exc
-        inputs, outputs = self._compiled.inputs, self._compiled.outputs
-        if len(inputs) != 1 or len(outputs) != 1:
-            raise ModelLoadError(
-                f"{self.path}: expected one input and one output, "
-                f"found {len(inputs)} and {len(outputs)}"
-            )
+        check_one_input_one_output(self.path, self._compiled.inputs, self._compiled.outputs)
 
         hint = self._compiled.get_property("INFERENCE_PRECISION_HINT")
         actual = hint.get_type_name() if hasattr(hint, "get_type_name") else str(hint)
@@ -154,9 +139,7 @@ class OpenVinoNetwork:
         self._request = self._compiled.create_infer_request()
         self._lock = threading.Lock()
 
-    def run(self, batch: np.ndarray) -> np.ndarray:
-        """Probabilities ``[b, C, x, y, z]`` float32 for a ``[b, 1, x, y, z]`` batch."""
-        array = check_batch(batch, self.path)
+    def _infer(self, array: np.ndarray) -> np.ndarray:
         with self._lock:
             self._request.infer({0: array})
             # Copy: the output tensor's memory is reused by the next inference.
@@ -173,9 +156,3 @@ class OpenVinoNetwork:
         """Drop the compiled model and its infer request."""
         self._request = None
         self._compiled = None
-
-    def __repr__(self) -> str:
-        return (
-            f"OpenVinoNetwork({self.path.name}, device={self.device}, "
-            f"precision={self.precision}, threads={self.threads})"
-        )

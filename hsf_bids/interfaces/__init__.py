@@ -7,7 +7,9 @@ node's hash is deterministic, and any change of a setting reruns the nodes that 
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
+from typing import Any
 
 from nipype.interfaces.base import (
     BaseInterfaceInputSpec,
@@ -19,6 +21,9 @@ from nipype.interfaces.base import (
 
 from hsf_bids import stages
 from hsf_bids.settings import SegmentationSettings
+
+# What a stage returns to its interface: output name -> path written.
+_Paths = dict[str, str | os.PathLike[str]]
 
 
 def _settings_input() -> traits.Dict:
@@ -35,6 +40,22 @@ def _settings(inputs) -> SegmentationSettings:  # noqa: ANN001
     return SegmentationSettings.from_dict(inputs.settings)
 
 
+class _StageInterface(SimpleInterface):
+    """Runs one stage in the node's folder; the stage's paths become the outputs.
+
+    A subclass implements ``_run_stage``: the interface's inputs and the node's folder in, a
+    ``{output name: path}`` dict out (each path stored as a string).
+    """
+
+    def _run_stage(self, inputs: Any, cwd: str) -> _Paths:
+        raise NotImplementedError
+
+    def _run_interface(self, runtime):  # noqa: ANN001, ANN202
+        outputs = self._run_stage(self.inputs, runtime.cwd)
+        self._results.update({name: str(path) for name, path in outputs.items()})
+        return runtime
+
+
 class _LocaliseInput(BaseInterfaceInputSpec):
     in_file = File(exists=True, mandatory=True, desc="head image (any orientation)")
     contrast = traits.Enum("T1w", "T2w", mandatory=True, desc="picks the template")
@@ -45,19 +66,14 @@ class _LocaliseOutput(TraitedSpec):
     localisation = File(exists=True, desc="boxes, template-to-subject affine and QC (JSON)")
 
 
-class Localise(SimpleInterface):
+class Localise(_StageInterface):
     """Register the template to the image and find the box of each hippocampus."""
 
     input_spec = _LocaliseInput
     output_spec = _LocaliseOutput
 
-    def _run_interface(self, runtime):  # noqa: ANN001, ANN202
-        self._results["localisation"] = str(
-            stages.localise(
-                self.inputs.in_file, self.inputs.contrast, runtime.cwd, _settings(self.inputs)
-            )
-        )
-        return runtime
+    def _run_stage(self, i: Any, cwd: str) -> _Paths:
+        return {"localisation": stages.localise(i.in_file, i.contrast, cwd, _settings(i))}
 
 
 class _CoregisterInput(BaseInterfaceInputSpec):
@@ -70,19 +86,14 @@ class _CoregisterOutput(TraitedSpec):
     out_file = File(exists=True, desc="in_file on the RAS+ grid of the reference")
 
 
-class Coregister(SimpleInterface):
+class Coregister(_StageInterface):
     """Register a second contrast to the reference image and resample it onto its grid."""
 
     input_spec = _CoregisterInput
     output_spec = _CoregisterOutput
 
-    def _run_interface(self, runtime):  # noqa: ANN001, ANN202
-        self._results["out_file"] = str(
-            stages.coregister(
-                self.inputs.in_file, self.inputs.reference, runtime.cwd, _settings(self.inputs)
-            )
-        )
-        return runtime
+    def _run_stage(self, i: Any, cwd: str) -> _Paths:
+        return {"out_file": stages.coregister(i.in_file, i.reference, cwd, _settings(i))}
 
 
 class _SegmentSideInput(BaseInterfaceInputSpec):
@@ -97,19 +108,17 @@ class _SegmentSideOutput(TraitedSpec):
     uncertainty = File(exists=True, desc="entropy of the mean probability in the crop")
 
 
-class SegmentSide(SimpleInterface):
+class SegmentSide(_StageInterface):
     """Run the ensemble with test-time augmentation on one side's crop."""
 
     input_spec = _SegmentSideInput
     output_spec = _SegmentSideOutput
 
-    def _run_interface(self, runtime):  # noqa: ANN001, ANN202
-        i = self.inputs
+    def _run_stage(self, i: Any, cwd: str) -> _Paths:
         labels, uncertainty = stages.segment_side(
-            i.in_files, i.localisation, i.side, runtime.cwd, _settings(i)
+            i.in_files, i.localisation, i.side, cwd, _settings(i)
         )
-        self._results.update(labels=str(labels), uncertainty=str(uncertainty))
-        return runtime
+        return {"labels": labels, "uncertainty": uncertainty}
 
 
 class _PasteBackInput(BaseInterfaceInputSpec):
@@ -126,23 +135,21 @@ class _PasteBackOutput(TraitedSpec):
     uncertainty = File(exists=True, desc="uncertainty on the grid of in_file")
 
 
-class PasteBack(SimpleInterface):
+class PasteBack(_StageInterface):
     """Put both sides back into the input's grid and orientation."""
 
     input_spec = _PasteBackInput
     output_spec = _PasteBackOutput
 
-    def _run_interface(self, runtime):  # noqa: ANN001, ANN202
-        i = self.inputs
+    def _run_stage(self, i: Any, cwd: str) -> _Paths:
         dseg, uncertainty = stages.paste_back_sides(
             i.in_file,
             i.localisation,
             {"right": i.right_labels, "left": i.left_labels},
             {"right": i.right_uncertainty, "left": i.left_uncertainty},
-            runtime.cwd,
+            cwd,
         )
-        self._results.update(dseg=str(dseg), uncertainty=str(uncertainty))
-        return runtime
+        return {"dseg": dseg, "uncertainty": uncertainty}
 
 
 class _DerivativesInput(BaseInterfaceInputSpec):
@@ -162,14 +169,13 @@ class _DerivativesOutput(TraitedSpec):
     volumes_part = File(exists=True, desc="this image's rows of the volumes table")
 
 
-class WriteDerivatives(SimpleInterface):
+class WriteDerivatives(_StageInterface):
     """Write the derivatives of one image under the output folder (atomically)."""
 
     input_spec = _DerivativesInput
     output_spec = _DerivativesOutput
 
-    def _run_interface(self, runtime):  # noqa: ANN001, ANN202
-        i = self.inputs
+    def _run_stage(self, i: Any, cwd: str) -> _Paths:
         written, part = stages.write_derivatives(
             i.dseg,
             i.uncertainty,
@@ -179,14 +185,13 @@ class WriteDerivatives(SimpleInterface):
             output_dir=i.output_dir,
             contrast=i.contrast,
             settings=_settings(i),
-            out_dir=runtime.cwd,
+            out_dir=cwd,
         )
-        self._results.update(
-            out_dseg=str(written["dseg"]),
-            out_uncertainty=str(written["uncertainty"]),
-            volumes_part=str(part),
-        )
-        return runtime
+        return {
+            "out_dseg": written["dseg"],
+            "out_uncertainty": written["uncertainty"],
+            "volumes_part": part,
+        }
 
 
 class _VolumesInput(BaseInterfaceInputSpec):
@@ -199,14 +204,11 @@ class _VolumesOutput(TraitedSpec):
     out_file = File(exists=True)
 
 
-class VolumesTable(SimpleInterface):
+class VolumesTable(_StageInterface):
     """Assemble the volumes table of one subject and session."""
 
     input_spec = _VolumesInput
     output_spec = _VolumesOutput
 
-    def _run_interface(self, runtime):  # noqa: ANN001, ANN202
-        i = self.inputs
-        path = stages.write_volumes_table(i.parts, i.source_file, Path(i.output_dir))
-        self._results["out_file"] = str(path)
-        return runtime
+    def _run_stage(self, i: Any, cwd: str) -> _Paths:
+        return {"out_file": stages.write_volumes_table(i.parts, i.source_file, Path(i.output_dir))}

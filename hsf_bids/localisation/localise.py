@@ -18,7 +18,7 @@ only inside a region around each label, so images of any size cost the same
 
 from __future__ import annotations
 
-import warnings
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -48,6 +48,8 @@ from hsf_bids.templates import HIPPOCAMPUS_LABELS, load_atlas
 from hsf_bids.vocabulary import SIDES
 
 __all__ = ["RETRY_CORRELATION", "Localisation", "assess", "locate"]
+
+LOGGER = logging.getLogger(__name__)
 
 # Below this local correlation (either side) locate() registers again on the finer schedule and
 # keeps the better of the two (by the lower of the two local correlations).
@@ -138,25 +140,27 @@ def locate(
 
     When either local correlation is below ``RETRY_CORRELATION`` the registration is run again
     on the finer schedule and the better result kept (``qc["retried"]`` is then 1, and
-    ``schedule`` names the one kept).
+    ``schedule`` names the one kept). The kept result's notes (``warnings``) are logged as
+    warnings of this module's logger.
     """
     _check_ras(ras_img)
-    loc, caught = _register_and_assess(
+    loc = _register_and_assess(
         ras_img, contrast, FAST_SCHEDULE, margin=margin, seed=seed, resolution=resolution,
         threads=threads,
     )  # fmt: skip
     loc.qc["retried"] = 0.0
     if _local_correlation(loc) < RETRY_CORRELATION:
         # The fast route can stop in a poor optimum on thin slabs: try the finer schedule.
-        fine, caught_fine = _register_and_assess(
+        fine = _register_and_assess(
             ras_img, contrast, FINE_SCHEDULE, margin=margin, seed=seed, resolution=resolution,
             threads=threads,
         )  # fmt: skip
         if _local_correlation(fine) > _local_correlation(loc):
-            loc, caught = fine, caught_fine
+            loc = fine
         loc.qc["retried"] = 1.0
-    for item in caught:
-        warnings.warn_explicit(item.message, item.category, item.filename, item.lineno)
+    # Only the kept attempt speaks: the notes of a discarded one describe a result not used.
+    for note in loc.warnings:
+        LOGGER.warning(note)
     loc.seed = seed
     return loc
 
@@ -170,16 +174,14 @@ def _register_and_assess(
     seed: int,
     resolution: float,
     threads: int | None,
-) -> tuple[Localisation, list[warnings.WarningMessage]]:
-    """One registration and its assessment; the warnings are held back until one is kept."""
+) -> Localisation:
+    """One registration and its assessment; its notes (``warnings``) are returned, not logged."""
     template_to_subject = register_template(
         ras_img, contrast, seed=seed, resolution=resolution, threads=threads, schedule=schedule
     )
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        loc = assess(ras_img, contrast, template_to_subject, margin=margin, resolution=resolution)
+    loc = assess(ras_img, contrast, template_to_subject, margin=margin, resolution=resolution)
     loc.schedule = schedule
-    return loc, caught
+    return loc
 
 
 def _local_correlation(loc: Localisation) -> float:
@@ -200,8 +202,9 @@ def assess(
     Warps the CerebrA hippocampi with ``template_to_subject`` (4x4, template world mm to subject
     world mm), makes one :class:`~hsf_bids.localisation.boxes.Box` per side (``"right"`` then
     ``"left"``), measures the QC values and judges the checks. A hippocampus partly outside the
-    image produces a warning (also issued with :func:`warnings.warn`) naming how much is
-    missing, and fails a check, as do an implausible affine or a poor template/image correlation.
+    image produces a note (in ``warnings``; returned, not logged: :func:`locate` logs the notes
+    of the result it keeps) naming how much is missing, and fails a check, as do an implausible
+    affine or a poor template/image correlation.
     """
     _check_ras(ras_img)
     name = image_name(ras_img)
@@ -232,8 +235,6 @@ def assess(
     for side, box in boxes.items():
         qc[f"{side}_fraction_outside"] = box.fraction_outside
     checks, notes = judge(qc, boxes, name)
-    for note in notes:
-        warnings.warn(note, RuntimeWarning, stacklevel=2)
     return Localisation(
         contrast=contrast,
         shape=shape,

@@ -20,11 +20,11 @@ from __future__ import annotations
 import glob
 import importlib.machinery
 import importlib.util
+import logging
 import math
 import os
 import sys
 import tempfile
-import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -47,6 +47,8 @@ __all__ = [
     "world_grid",
     "zooms",
 ]
+
+LOGGER = logging.getLogger(__name__)
 
 
 class LocalisationError(RuntimeError):
@@ -247,11 +249,11 @@ def _claim_itk_threads(threads: int | None) -> None:
         os.environ[_ITK_THREADS_ENV] = str(threads)
         _itk_threads = threads
     elif threads is not None and threads != _itk_threads:
-        warnings.warn(
-            f"ANTs already runs with {_itk_threads} thread(s) in this process (ITK reads the "
-            f"count once); threads={threads} is ignored",
-            RuntimeWarning,
-            stacklevel=3,
+        LOGGER.warning(
+            "ANTs already runs with %s thread(s) in this process (ITK reads the count once); "
+            "threads=%s is ignored",
+            _itk_threads,
+            threads,
         )
 
 
