@@ -8,12 +8,25 @@
 #   docker run --rm --read-only --tmpfs /tmp -v /data/ds:/data:ro -v /data/out:/out \
 #       hsf-bids/hsf_bids:0.1.0.dev0 /data /out participant --participant-label 01
 #
+# Build arguments (docker/build.sh sets them for you, and makes the build work with podman):
+#   PYTHON_IMAGE  the base: any Debian-like image with python 3.10+ (python, venv, CA
+#                 certificates); docker/make_base.sh makes one from Debian packages
+#   HUB           empty: the published presets above; else a hub YAML in the build context,
+#                 in a folder of its own under docker/ (docker/hub/my.yaml next to its model
+#                 files): that hub is baked instead, as /opt/hsf_bids/hub/my.yaml
+#   TEMPLATES     empty: fetched from TemplateFlow and checked; else a TemplateFlow home in
+#                 the build context under docker/ (docker/templateflow), checked for content
+#   QUANTIZE      1: int8 versions of the models (NNCF); 0: none
+#
 # Paths inside: the app in /opt/venv, models in /opt/hsf_bids/models ($HSF_BIDS_MODELS_DIR),
 # templates in /opt/hsf_bids/templateflow ($TEMPLATEFLOW_HOME). Caches go to a private folder in
 # /tmp (hsf_bids/runtime.py); nothing else is written outside the output and work folders.
 
 ARG PYTHON_IMAGE=python:3.11-slim-bookworm
 ARG VERSION=0.1.0.dev0
+ARG HUB=""
+ARG TEMPLATES=""
+ARG QUANTIZE=1
 
 # ---- the app in a virtual environment ------------------------------------------------------
 FROM ${PYTHON_IMAGE} AS build
@@ -37,29 +50,56 @@ RUN pip uninstall --yes onnxruntime \
 
 # ---- models and templates, verified by checksum: a mismatch fails the build -----------------
 FROM build AS assets
+ARG HUB
+ARG TEMPLATES
+ARG QUANTIZE
 ENV HSF_BIDS_MODELS_DIR=/opt/hsf_bids/models \
     TEMPLATEFLOW_HOME=/opt/hsf_bids/templateflow
-COPY docker/fetch_templates.py /src/docker/fetch_templates.py
+COPY docker/ /src/docker/
 # fetch re-hashes every download against the preset's XXH3-64 and exits 1 on a mismatch; the
-# *_fast presets use the same files as the *_accurate ones.
-RUN hsf-bids-models fetch --preset bagging_accurate --no-progress \
-    && hsf-bids-models fetch --preset single_accurate --no-progress \
-    && for preset in bagging_accurate bagging_fast single_accurate single_fast; do \
-        hsf-bids-models verify --preset "$preset" || exit 1; \
-    done
-RUN python /src/docker/fetch_templates.py --home "$TEMPLATEFLOW_HOME"
+# *_fast presets use the same files as the *_accurate ones. A baked hub goes to /opt/hsf_bids/hub
+# with the files of its folder; the app uses model files named by a relative path where they are
+# (checked against their XXH3-64, like downloads), and keeps what it derives from them (int8
+# versions) in a models subfolder named after the hub file's path, the same at run time.
+RUN if [ -n "$HUB" ]; then \
+        hub="/opt/hsf_bids/hub/$(basename "$HUB")" \
+        && mkdir -p /opt/hsf_bids \
+        && cp -r "$(dirname "/src/$HUB")" /opt/hsf_bids/hub \
+        && hsf-bids-models fetch --hub "$hub" --no-progress \
+        && hsf-bids-models verify --hub "$hub"; \
+    else \
+        hsf-bids-models fetch --preset bagging_accurate --no-progress \
+        && hsf-bids-models fetch --preset single_accurate --no-progress \
+        && for preset in bagging_accurate bagging_fast single_accurate single_fast; do \
+            hsf-bids-models verify --preset "$preset" || exit 1; \
+        done; \
+    fi
+# From TemplateFlow: each file's checksum as its server reports it, and content; from the build
+# context (re-encoded copies, say): content only.
+RUN if [ -n "$TEMPLATES" ]; then \
+        python /src/docker/fetch_templates.py --home "$TEMPLATEFLOW_HOME" --from "/src/$TEMPLATES"; \
+    else \
+        python /src/docker/fetch_templates.py --home "$TEMPLATEFLOW_HOME"; \
+    fi
 # int8 versions (OpenVINO, NNCF post-training quantisation on the template's hippocampus crops):
 # NNCF is installed in this stage only; an int8 version whose fused labels disagree with
 # onnxruntime fp32 (the gate of engine auto) on the build machine is not kept. At run time the
 # gate is measured again on the user's CPU (cached in $HOME/.cache when the image is read-only).
-RUN pip install --no-cache-dir "nncf>=2.14" \
-    && hsf-bids-models quantize --preset bagging_accurate --remove-failing --offline \
-    && hsf-bids-models quantize --preset single_accurate --remove-failing --offline \
-    && rm -rf "$HSF_BIDS_MODELS_DIR"/*/agreement
+RUN if [ "$QUANTIZE" = 1 ]; then \
+        pip install --no-cache-dir "nncf>=2.14" \
+        && if [ -n "$HUB" ]; then \
+            hsf-bids-models quantize --hub "/opt/hsf_bids/hub/$(basename "$HUB")" --remove-failing --offline; \
+        else \
+            hsf-bids-models quantize --preset bagging_accurate --remove-failing --offline \
+            && hsf-bids-models quantize --preset single_accurate --remove-failing --offline; \
+        fi \
+        && rm -rf "$HSF_BIDS_MODELS_DIR"/*/agreement; \
+    fi
 
 # ---- what every runtime image shares -------------------------------------------------------
 FROM ${PYTHON_IMAGE} AS runtime
 ARG VERSION
+ARG HUB
 ARG VCS_REF=unknown
 ARG BUILD_DATE=unknown
 LABEL org.opencontainers.image.title="hsf_bids" \
@@ -70,7 +110,7 @@ LABEL org.opencontainers.image.title="hsf_bids" \
       org.opencontainers.image.revision="${VCS_REF}" \
       org.opencontainers.image.created="${BUILD_DATE}" \
       org.opencontainers.image.licenses="MIT" \
-      io.github.hsf-bids.models="HSF 4.0.0: bagging_accurate, bagging_fast, single_accurate, single_fast" \
+      io.github.hsf-bids.models="${HUB:-HSF 4.0.0: bagging_accurate, bagging_fast, single_accurate, single_fast}" \
       io.github.hsf-bids.templates="MNI152NLin2009cSym res-1 T1w, T2w, atlas-CerebrA (TemplateFlow)"
 RUN useradd --create-home --home-dir /home/hsf --uid 1000 --user-group --shell /bin/sh hsf
 COPY --from=assets /opt/hsf_bids /opt/hsf_bids
@@ -92,6 +132,7 @@ CMD ["--help"]
 # ---- GPU image: docker build --target gpu; docker run --gpus all ... --device cuda ----------
 FROM runtime AS gpu
 ARG VERSION
+ARG HUB
 COPY --from=build-gpu /opt/venv /opt/venv
 # The CUDA libraries live in the nvidia-* wheels; the dynamic loader is told where once.
 RUN find /opt/venv -path "*/site-packages/nvidia/*/lib" -type d > /etc/ld.so.conf.d/hsf-bids-cuda.conf \
@@ -103,14 +144,23 @@ USER 1000:1000
 # OpenVINO's telemetry reads its opt-out from $HOME (/home/hsf); the models are checked again.
 RUN opt_in_out --opt_out \
     && hsf-bids --version \
-    && hsf-bids-models verify --preset bagging_accurate \
-    && hsf-bids-models verify --preset single_accurate
+    && if [ -n "$HUB" ]; then \
+        hsf-bids-models verify --hub "/opt/hsf_bids/hub/$(basename "$HUB")"; \
+    else \
+        hsf-bids-models verify --preset bagging_accurate \
+        && hsf-bids-models verify --preset single_accurate; \
+    fi
 
 # ---- CPU image, the default target ---------------------------------------------------------
 FROM runtime AS cpu
+ARG HUB
 COPY --from=build /opt/venv /opt/venv
 USER 1000:1000
 RUN opt_in_out --opt_out \
     && hsf-bids --version \
-    && hsf-bids-models verify --preset bagging_accurate \
-    && hsf-bids-models verify --preset single_accurate
+    && if [ -n "$HUB" ]; then \
+        hsf-bids-models verify --hub "/opt/hsf_bids/hub/$(basename "$HUB")"; \
+    else \
+        hsf-bids-models verify --preset bagging_accurate \
+        && hsf-bids-models verify --preset single_accurate; \
+    fi

@@ -10,6 +10,11 @@ T2w, the CerebrA atlas (``atlas-CerebrA_dseg``) and its label table (which Templ
 - the images load, the templates share the atlas grid, the atlas holds both hippocampus labels;
 - :mod:`hsf_bids.templates` finds every file in the home without downloading anything.
 
+With ``--from DIR`` (a TemplateFlow home, for builds that cannot reach TemplateFlow) the files
+are copied from there instead, with the template folder's licence notices (``COPYING*``,
+``LICENSE*``); there is no server checksum then, only the content checks and the pins of
+``--checksums`` (such copies may be re-encoded: their SHA-256 is not TemplateFlow's).
+
 The SHA-256 of every file is printed in ``sha256sum`` format, ready to pin. The rest of
 TemplateFlow's skeleton (other templates, zero-byte placeholders) is removed: the home holds only
 verified files.
@@ -141,6 +146,36 @@ def fetch(home: Path, s3_root: str, timeout: float) -> dict[str, Path]:
     return paths
 
 
+def copy_local(home: Path, source: Path) -> dict[str, Path]:
+    """Copy every file of :data:`FILES`, and the licence notices, from the home ``source``."""
+    src_dir, dest_dir = source / f"tpl-{TEMPLATE}", home / f"tpl-{TEMPLATE}"
+    missing = [name for name in FILES if not (src_dir / name).is_file()]
+    if missing:
+        raise FetchError(f"{src_dir}: missing {', '.join(missing)}")
+    dest_dir.mkdir(parents=True, exist_ok=True)
+    paths = {}
+    for name in FILES:
+        paths[name] = Path(shutil.copyfile(src_dir / name, dest_dir / name))
+    # The MNI template's terms allow redistribution with its notice: it travels with the files.
+    for notice in [*src_dir.glob("COPYING*"), *src_dir.glob("LICENSE*")]:
+        shutil.copyfile(notice, dest_dir / notice.name)
+    return paths
+
+
+def verify_pins(paths: dict[str, Path], pins: dict[str, str]) -> dict[str, str]:
+    """Check each file against its pin, if any; returns the SHA-256 of each."""
+    sha256 = {name: _digest(path, "sha256") for name, path in paths.items()}
+    for name, digest in sha256.items():
+        if name in pins and pins[name] != digest:
+            raise VerificationError(
+                f"{paths[name]}: checksum mismatch: SHA-256 {digest}, pinned {pins[name]}"
+            )
+    unknown = set(pins) - set(paths)
+    if unknown:
+        raise VerificationError(f"pinned files that are not fetched: {sorted(unknown)}")
+    return sha256
+
+
 def server_etag(s3_root: str, home: Path, path: Path, timeout: float) -> str:
     """The ETag the server reports for ``path`` (a HEAD request on its TemplateFlow URL)."""
     import requests
@@ -253,14 +288,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--s3-root", default=S3_ROOT, help=f"download server (default {S3_ROOT})")
     parser.add_argument("--checksums", type=Path, help="SHA-256 pins, sha256sum format")
+    parser.add_argument(
+        "--from",
+        dest="source",
+        type=Path,
+        help="copy the files from this TemplateFlow home instead of downloading them",
+    )
     parser.add_argument("--timeout", type=float, default=60.0, help="network timeout (s)")
     args = parser.parse_args(argv)
     home = Path(args.home).absolute()
     s3_root = args.s3_root.rstrip("/")
     try:
         pins = load_pins(args.checksums)
-        paths = fetch(home, s3_root, args.timeout)
-        sha256 = verify_checksums(paths, home, s3_root, pins, args.timeout)
+        if args.source is not None:
+            paths = copy_local(home, args.source.absolute())
+            sha256 = verify_pins(paths, pins)
+        else:
+            paths = fetch(home, s3_root, args.timeout)
+            sha256 = verify_checksums(paths, home, s3_root, pins, args.timeout)
         verify_content(paths)
         removed = prune(home)
         verify_app_finds_them(home, paths)

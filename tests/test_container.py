@@ -8,6 +8,8 @@ fresh virtual environment at the image's path, models and templates at the image
 image's environment and user, the root file system read-only with a private ``/tmp``, and no
 network (a new mount and network namespace): it must give the derivatives of a normal run and
 write nothing outside its output, work and temporary folders.
+
+The image itself, built with a container engine and run, is tested in test_container_image.py.
 """
 
 from __future__ import annotations
@@ -256,6 +258,20 @@ def test_singularity_recipe_parses_and_runs_the_app():
     )  # %test, as spython keeps it
     assert "FROM hsf-bids/hsf_bids:" in DockerWriter(parser.recipe).convert()
 
+    # The podman route the recipe documents: the same recipe from a saved Docker archive.
+    commands = re.findall(r"^#\s+(sed .*?Singularity\.def)", header, re.MULTILINE | re.DOTALL)
+    assert commands, "the recipe documents its docker-archive variant"
+    archive = re.sub(r"\\\n#\s*", "", commands[0])
+    variant = subprocess.run(
+        ["bash", "-c", archive], cwd=REPO, capture_output=True, text=True, timeout=30
+    )
+    assert variant.returncode == 0, variant.stderr
+    # spython parses only docker bootstraps: the header is checked as text, the rest is the same.
+    assert re.search(r"^Bootstrap: docker-archive$", variant.stdout, re.MULTILINE)
+    assert re.search(rf"^From: hsf_bids-{hsf_bids.__version__}\.tar$", variant.stdout, re.MULTILINE)
+    strip = re.compile(r"^(Bootstrap|From):.*$", re.MULTILINE)
+    assert strip.sub("", variant.stdout) == strip.sub("", header)
+
 
 # ---------------------------------------------------------------------------------------------
 # Build-time template fetch against a real server
@@ -350,6 +366,30 @@ def test_fetch_templates_fails_on_a_checksum_mismatch(template_server, tmp_path)
     result = _fetch_templates(tmp_path / "pinned", url, "--checksums", pins)
     assert result.returncode == 1
     assert "pinned" in result.stderr and "_res-1_T2w.nii.gz" in result.stderr
+
+
+def test_fetch_templates_from_a_local_home_checks_content_and_pins(templateflow_home, tmp_path):
+    """For builds that reach no TemplateFlow: the files come from the build context."""
+    home = tmp_path / "copied"
+    result = _fetch_templates(home, "http://127.0.0.1:9", "--from", templateflow_home)
+    assert result.returncode == 0, result.stderr
+    for path in (templateflow_home / TEMPLATE_DIR).iterdir():  # the files and the MNI notice
+        assert (home / TEMPLATE_DIR / path.name).read_bytes() == path.read_bytes()
+        if path.name.endswith((".nii.gz", ".tsv")):
+            digest = hashlib.sha256(path.read_bytes()).hexdigest()
+            assert f"{digest}  {path.name}" in result.stdout.splitlines()
+
+    pins = tmp_path / "pins.sha256"
+    pins.write_text(f"{'0' * 64}  {TEMPLATE_DIR}_res-1_atlas-CerebrA_dseg.nii.gz\n")
+    result = _fetch_templates(tmp_path / "pinned", "http://127.0.0.1:9", "--from",
+                              templateflow_home, "--checksums", pins)  # fmt: skip
+    assert result.returncode == 1 and "pinned" in result.stderr
+
+    broken = tmp_path / "broken" / TEMPLATE_DIR
+    shutil.copytree(templateflow_home / TEMPLATE_DIR, broken)
+    (broken / f"{TEMPLATE_DIR}_res-1_T2w.nii.gz").write_bytes(b"not gzip")
+    result = _fetch_templates(tmp_path / "bad", "http://127.0.0.1:9", "--from", broken.parent)
+    assert result.returncode == 1 and "not a readable NIfTI image" in result.stderr
 
 
 # ---------------------------------------------------------------------------------------------
