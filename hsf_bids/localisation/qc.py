@@ -262,15 +262,19 @@ def judge(
             MIN_LOCAL_CORRELATION, f"{side} hippocampus: template and image disagree around it",
             f"{side} hippocampus: template and image agree around it",
         ))  # fmt: skip
+        # The checks go to the image's own sidecar: they do not name the file (its path differs
+        # between a container and the host); the notes, also printed, do.
         if box.label_voxels_outside:
-            meaning = (
-                f"{side} hippocampus partly outside the field of view of {name}: "
+            missing = (
                 f"{box.fraction_outside:.1%} of the warped template hippocampus "
                 f"({box.label_voxels_outside} of {box.label_voxels} voxels) is missing"
             )
-            notes.append(meaning)
+            meaning = f"{side} hippocampus partly outside the field of view: {missing}"
+            notes.append(
+                f"{side} hippocampus partly outside the field of view of {name}: {missing}"
+            )
         else:
-            meaning = f"{side} hippocampus inside the field of view of {name}"
+            meaning = f"{side} hippocampus inside the field of view"
             if any(box.clipped_voxels):
                 notes.append(
                     f"{side} box clamped by the image edge of {name}: margin voxels lost per "
