@@ -30,6 +30,7 @@ import argparse
 import math
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
@@ -84,7 +85,7 @@ class _GraphBuilder:
             self._consts[key] = out
         return self._consts[key]
 
-    def op(self, op_type: str, inputs: Sequence[str], prefix: str, **attrs) -> str:
+    def op(self, op_type: str, inputs: Sequence[str], prefix: str, **attrs: Any) -> str:
         out = self.name(prefix)
         self.nodes.append(helper.make_node(op_type, list(inputs), [out], name=out, **attrs))
         return out

@@ -17,12 +17,17 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from hsf_bids import __version__
 from hsf_bids.bids import SegmentationJob
 from hsf_bids.segment.augment import TTASettings
 from hsf_bids.segment.ensemble import EnsembleSettings
+
+if TYPE_CHECKING:
+    from hsf_bids.config import RunConfig
+    from hsf_bids.engines.plan import Plan
+    from hsf_bids.hub import Preset
 
 __all__ = ["ModelSpec", "SegmentationSettings", "select_jobs"]
 
@@ -107,9 +112,9 @@ class SegmentationSettings:
         )
 
     @classmethod
-    def from_run(cls, config, preset, plan) -> SegmentationSettings:  # noqa: ANN001
-        """Combine the run settings (``RunConfig``), the preset (a hub ``Preset``) and the
-        inference plan (``engines.plan.Plan``); also the provenance block of every sidecar."""
+    def from_run(cls, config: RunConfig, preset: Preset, plan: Plan) -> SegmentationSettings:
+        """Combine the run settings, the preset (or hub file) and the inference plan; also the
+        provenance block of every sidecar."""
         ca_mode = preset.ca_mode if config.ca_mode is None else config.ca_mode
         provenance = {
             "Software": {"Name": "hsf_bids", "Version": __version__},

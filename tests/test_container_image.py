@@ -206,8 +206,12 @@ def runs(image, ds_mini, demo_hub, templateflow_home, tmp_path_factory):
     # Outside: this environment running the sources the image was built from, a copy of the
     # hub the image holds, the same options.
     hub = _write_hub(root / "native_hub", demo_hub)
-    env = {**os.environ, "TEMPLATEFLOW_HOME": str(templateflow_home),
-           "HSF_BIDS_MODELS_DIR": str(root / "native_models"), "PYTHONPATH": str(image[2])}
+    env = {
+        **os.environ,
+        "TEMPLATEFLOW_HOME": str(templateflow_home),
+        "HSF_BIDS_MODELS_DIR": str(root / "native_models"),
+        "PYTHONPATH": str(image[2]),
+    }
     # cwd: python puts it first on sys.path, and the checkout's cwd holds hsf_bids/ too.
     imported = subprocess.run([sys.executable, "-c", "import hsf_bids; print(hsf_bids.__file__)"],
                               capture_output=True, text=True, env=env, cwd=root)  # fmt: skip
@@ -231,8 +235,12 @@ def runs(image, ds_mini, demo_hub, templateflow_home, tmp_path_factory):
         "group": (group.returncode, group.stdout + group.stderr),
         "native": (native_out, native.returncode, native.stdout + native.stderr),
         # Container paths -> native paths, for what the derivatives record of them.
-        "paths": {HUB_IN_IMAGE: str(hub), "/data": str(ds_mini), "/out": str(native_out),
-                  "/work": str(root / "native_work")},
+        "paths": {
+            HUB_IN_IMAGE: str(hub),
+            "/data": str(ds_mini),
+            "/out": str(native_out),
+            "/work": str(root / "native_work"),
+        },
         "native_group": (native_group.returncode, native_group.stdout + native_group.stderr),
         "work": work,
         "diff": (diff.returncode, diff.stdout, diff.stderr),

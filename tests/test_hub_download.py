@@ -243,7 +243,7 @@ def test_concurrent_fetches_of_one_file_are_safe(server, tmp_path):
     def fetch():
         try:
             download_file(url, dest, _xxh(body), progress=False)
-        except Exception as exc:  # collected for the assertion below
+        except Exception as exc:  # noqa: BLE001 - collected for the assertion below
             errors.append(exc)
 
     threads = [threading.Thread(target=fetch) for _ in range(4)]

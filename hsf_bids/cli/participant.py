@@ -290,7 +290,7 @@ def _run_workflow(
     if config.write_graph:
         try:
             wf.write_graph(graph2use="colored", format="svg", simple_form=True)
-        except Exception as exc:  # graphviz missing: the graph is optional
+        except Exception as exc:  # noqa: BLE001 - graphviz missing: the graph is optional
             LOGGER.warning("could not write the workflow graph: %s", exc)
     phases.lap("workflow_build")
     try:

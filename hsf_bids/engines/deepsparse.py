@@ -10,6 +10,8 @@ from __future__ import annotations
 import logging
 import threading
 from pathlib import Path
+from types import ModuleType
+from typing import Any
 
 import numpy as np
 
@@ -23,7 +25,7 @@ INSTALL_HINT = "pip install 'hsf_bids[deepsparse]' (Python <= 3.11 with numpy < 
 _INT8_OPS = {"QLinearConv", "ConvInteger", "QuantizeLinear", "DequantizeLinear", "QLinearMatMul"}
 
 
-def import_deepsparse():
+def import_deepsparse() -> ModuleType:
     """Return the ``deepsparse`` module, or raise :class:`EngineUnavailableError` saying how to
     install it."""
     try:
@@ -82,7 +84,7 @@ class DeepSparseNetwork(BaseNetwork):
         self._engines: dict[tuple[int, ...], object] = {}
         self._lock = threading.Lock()
 
-    def _engine_for(self, shape: tuple[int, ...]):
+    def _engine_for(self, shape: tuple[int, ...]) -> Any:
         engine = self._engines.get(shape)
         if engine is None:
             try:

@@ -25,8 +25,12 @@ import functools
 import logging
 import threading
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+if TYPE_CHECKING:
+    import openvino as ov
 
 from hsf_bids.engines.base import (
     BaseNetwork,
@@ -46,7 +50,7 @@ _core_lock = threading.Lock()
 
 
 @functools.cache
-def _core():
+def _core() -> ov.Core:
     import openvino as ov
 
     return ov.Core()

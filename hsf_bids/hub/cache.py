@@ -14,6 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
+from typing import Any
 
 import platformdirs
 
@@ -135,7 +136,7 @@ def ensure_models(
     *,
     progress: bool | None = None,
     download: Callable[..., Path] = download_file,
-    **download_options,
+    **download_options: Any,
 ) -> list[Path]:
     """Make every file of ``preset`` present and verified; return their paths in preset order.
 

@@ -15,6 +15,7 @@ import logging
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import NoReturn
 
 from hsf_bids import errors as ex
 from hsf_bids.cli.messages import setup_console
@@ -44,7 +45,7 @@ LOGGER = logging.getLogger("hsf_bids.hub.cli")  # not __name__: also run as __ma
 
 
 class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):  # noqa: D102 - argparse hook
+    def error(self, message: str) -> NoReturn:
         # argparse's own channel, as ``hsf-bids``'s parser: one line (no usage), exit code 64
         self.exit(ex.EX_USAGE, f"{self.prog}: error: {message} (see --help)\n")
 

@@ -16,8 +16,12 @@ import urllib.error
 import urllib.request
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 import xxhash
+
+if TYPE_CHECKING:
+    from tqdm import tqdm
 
 from hsf_bids import __version__
 from hsf_bids.atomic import atomic_file
@@ -79,7 +83,7 @@ def xxh3_64_file(path: Path | str, chunk: int = CHUNK) -> str:
     return digest.hexdigest()
 
 
-def _progress_bar(total: int | None, desc: str, enabled: bool | None):
+def _progress_bar(total: int | None, desc: str, enabled: bool | None) -> tqdm:
     from tqdm import tqdm  # imported lazily: only downloads need it
 
     if enabled is None:
@@ -96,7 +100,7 @@ def _progress_bar(total: int | None, desc: str, enabled: bool | None):
     )
 
 
-def _set_read_timeout(response, read_timeout: float) -> None:
+def _set_read_timeout(response: Any, read_timeout: float) -> None:
     # urllib applies one timeout to connect and reads; a slow CDN may need a longer read timeout
     # than the connect timeout, so set it on the socket once connected (best effort: private API).
     raw = getattr(getattr(response, "fp", None), "raw", None)
@@ -107,7 +111,7 @@ def _set_read_timeout(response, read_timeout: float) -> None:
 
 def _attempt(
     url: str,
-    out,
+    out: BinaryIO,
     name: str,
     connect_timeout: float,
     read_timeout: float,

@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path, PurePosixPath, PureWindowsPath
@@ -357,7 +358,7 @@ def _parse(data: dict[str, Any], path: Path, *, builtin: bool) -> Preset:
     )
 
 
-def _check_file_name(name: Any, fail) -> str:
+def _check_file_name(name: Any, fail: Callable[[str], HubError]) -> str:
     if not isinstance(name, str) or not name:
         raise fail(f"model file name {name!r} must be a non-empty string")
     posix, windows = PurePosixPath(name), PureWindowsPath(name)
@@ -380,7 +381,7 @@ def _check_file_name(name: Any, fail) -> str:
     return name
 
 
-def _resolve_url(url: str, path: Path, fail) -> Path | None:
+def _resolve_url(url: str, path: Path, fail: Callable[[str], HubError]) -> Path | None:
     """Local path of a hub URL, or None for http(s). Refuses other schemes."""
     parts = urlsplit(url)
     scheme = parts.scheme.lower()
@@ -413,7 +414,9 @@ def _resolve_url(url: str, path: Path, fail) -> Path | None:
     return local_path if local_path.is_absolute() else path.parent / local_path
 
 
-def _parse_models(raw: Any, path: Path, fail, *, builtin: bool) -> tuple[ModelFile, ...]:
+def _parse_models(
+    raw: Any, path: Path, fail: Callable[[str], HubError], *, builtin: bool
+) -> tuple[ModelFile, ...]:
     if not isinstance(raw, dict) or not raw:
         raise fail("'models' must be a non-empty mapping of file name -> {url, xxh3_64}")
     models = []
@@ -444,7 +447,7 @@ def _parse_models(raw: Any, path: Path, fail, *, builtin: bool) -> tuple[ModelFi
     return tuple(models)
 
 
-def _parse_segmentation(raw: Any, fail) -> tuple[bool, int]:
+def _parse_segmentation(raw: Any, fail: Callable[[str], HubError]) -> tuple[bool, int]:
     if not isinstance(raw, dict):
         raise fail(
             "'segmentation' must be a mapping with test_time_augmentation and test_time_num_aug"
@@ -465,7 +468,7 @@ def _parse_segmentation(raw: Any, fail) -> tuple[bool, int]:
     return tta, n_aug
 
 
-def _parse_labels(raw: Any, fail) -> tuple[Label, ...]:
+def _parse_labels(raw: Any, fail: Callable[[str], HubError]) -> tuple[Label, ...]:
     if not isinstance(raw, dict) or not raw:
         raise fail("'labels' must map channel index -> {name, abbreviation}")
     labels = []
@@ -494,7 +497,7 @@ def _parse_labels(raw: Any, fail) -> tuple[Label, ...]:
     return tuple(labels)
 
 
-def _parse_margins(raw: Any, fail) -> Margins:
+def _parse_margins(raw: Any, fail: Callable[[str], HubError]) -> Margins:
     if not isinstance(raw, dict) or set(raw) != {"isotropic", "anisotropic"}:
         raise fail("'margins' must have exactly 'isotropic' and 'anisotropic'")
     values = {}
