@@ -41,7 +41,8 @@ RUN pip install --no-cache-dir . \
     && pip check \
     && hsf-bids --version
 
-# ---- the same with onnxruntime for CUDA 12 (CUDA and cuDNN libraries from their wheels) ------
+# ---- the same with onnxruntime for CUDA (CUDA and cuDNN libraries from their wheels) ---------
+# onnxruntime-gpu 1.31.1's extras bring CUDA 13 and cuDNN 9: the host driver must support CUDA 13.
 FROM build AS build-gpu
 ARG ONNXRUNTIME_GPU_VERSION=1.31.1
 RUN pip uninstall --yes onnxruntime \
@@ -74,10 +75,15 @@ RUN if [ -n "$HUB" ]; then \
             hsf-bids-models verify --preset "$preset" || exit 1; \
         done; \
     fi
-# From TemplateFlow: each file's checksum as its server reports it, and content; from the build
-# context (re-encoded copies, say): content only.
+# From TemplateFlow: each file's checksum as its server reports it, the SHA-256 pinned in
+# docker/templateflow.sha256 if that file exists, and content; from the build context
+# (re-encoded copies, say): content only.
 RUN if [ -n "$TEMPLATES" ]; then \
-        python /src/docker/fetch_templates.py --home "$TEMPLATEFLOW_HOME" --from "/src/$TEMPLATES"; \
+        python /src/docker/fetch_templates.py --home "$TEMPLATEFLOW_HOME" \
+            --from "/src/$TEMPLATES"; \
+    elif [ -f /src/docker/templateflow.sha256 ]; then \
+        python /src/docker/fetch_templates.py --home "$TEMPLATEFLOW_HOME" \
+            --checksums /src/docker/templateflow.sha256; \
     else \
         python /src/docker/fetch_templates.py --home "$TEMPLATEFLOW_HOME"; \
     fi
@@ -88,7 +94,8 @@ RUN if [ -n "$TEMPLATES" ]; then \
 RUN if [ "$QUANTIZE" = 1 ]; then \
         pip install --no-cache-dir "nncf>=2.14" \
         && if [ -n "$HUB" ]; then \
-            hsf-bids-models quantize --hub "/opt/hsf_bids/hub/$(basename "$HUB")" --remove-failing --offline; \
+            hsf-bids-models quantize --hub "/opt/hsf_bids/hub/$(basename "$HUB")" \
+                --remove-failing --offline; \
         else \
             hsf-bids-models quantize --preset bagging_accurate --remove-failing --offline \
             && hsf-bids-models quantize --preset single_accurate --remove-failing --offline; \

@@ -4,7 +4,8 @@
 #
 #   docker/build.sh [options] [-- extra build options]
 #
-#   --engine docker|podman  default: $HSF_BIDS_ENGINE, else docker if its daemon answers, else podman
+#   --engine docker|podman  default: $HSF_BIDS_ENGINE, else docker if its daemon answers,
+#                           else podman
 #   --target cpu|gpu        default cpu
 #   --tag TAG               default hsf-bids/hsf_bids:<version> (<version>-gpu for gpu)
 #   --base IMAGE            the Python base image (build argument PYTHON_IMAGE)
