@@ -55,6 +55,7 @@ class RunConfig:
     stop_on_first_crash: bool = False
     write_graph: bool = False
     reports_only: bool = False
+    list_participants: bool = False
     verbosity: int = 0
     # Models and segmentation
     preset: str | None = DEFAULT_PRESET

@@ -107,6 +107,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="do not run the BIDS validator on the input dataset",
     )
     g.add_argument(
+        "--list-participants",
+        action="store_true",
+        help="print the participants that have an image this run would segment, one per line "
+        "(for a scheduler's job array), and exit",
+    )
+    g.add_argument(
         "--contrast",
         choices=CONTRAST_CHOICES,
         default="both",
@@ -188,7 +194,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     g = p.add_argument_group("resources and workflow")
-    g.add_argument("-w", "--work-dir", type=Path, metavar="DIR", help="Nipype working folder")
+    g.add_argument(
+        "-w",
+        "--work-dir",
+        type=Path,
+        metavar="DIR",
+        help="Nipype working folder (default: <output_dir>/../work/hsf_bids; in a "
+        "SLURM task, $SLURM_TMPDIR/hsf_bids or $TMPDIR/hsf_bids when set)",
+    )
     g.add_argument(
         "--nprocs",
         "--n-cpus",
@@ -196,7 +209,8 @@ def build_parser() -> argparse.ArgumentParser:
         dest="nprocs",
         type=_positive_int,
         default=None,
-        help="CPUs for the whole run (default: all)",
+        help="CPUs for the whole run (default: $SLURM_CPUS_PER_TASK in a SLURM task, else the "
+        "CPUs this process may run on)",
     )
     g.add_argument(
         "--omp-nthreads",
@@ -212,7 +226,7 @@ def build_parser() -> argparse.ArgumentParser:
         type=_mem_gb,
         default=None,
         metavar="GB",
-        help="memory limit for the scheduler, in GB",
+        help="memory limit for the scheduler, in GB (default: the SLURM task's --mem, else none)",
     )
     g.add_argument(
         "--use-plugin",

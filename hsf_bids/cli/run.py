@@ -11,7 +11,7 @@ import gc
 import logging
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from hsf_bids import errors as ex
@@ -55,6 +55,8 @@ def _check_folders(bids_dir: Path, output_dir: Path, work_dir: Path, level: str)
             f"the work folder {work_dir} is inside the input BIDS folder {bids_dir}; "
             "choose a folder outside the dataset (-w/--work-dir)"
         )
+    if level == "list":
+        return
     if level == "group":
         if not output_dir.is_dir():
             raise UsageError(
@@ -75,6 +77,49 @@ def _check_folders(bids_dir: Path, output_dir: Path, work_dir: Path, level: str)
             raise UsageError(
                 f"the {what} folder {folder} is not writable", exit_code=ex.EX_CANTCREAT
             )
+
+
+def scheduler_cpus(environ: Mapping[str, str] | None = None) -> int:
+    """CPUs this process may use: the scheduler's share, not the node's.
+
+    Inside a SLURM task nothing binds the process to its CPUs (no cgroup or affinity plugin on
+    many sites), so ``os.cpu_count()`` would count the whole node and every task on it would
+    oversubscribe it; ``SLURM_CPUS_PER_TASK`` is the only record of the share. Elsewhere the
+    process's CPU affinity (``taskset``, cgroup cpusets, ``docker --cpuset-cpus``) is the share.
+    """
+    env = os.environ if environ is None else environ
+    value = env.get("SLURM_CPUS_PER_TASK", "")
+    if value.isdigit() and int(value) > 0:
+        return int(value)
+    try:
+        return len(os.sched_getaffinity(0)) or 1
+    except (AttributeError, OSError):  # not on Linux
+        return os.cpu_count() or 1
+
+
+def scheduler_mem_gb(environ: Mapping[str, str] | None = None) -> float | None:
+    """The memory SLURM gave the task, in GB (``--mem`` or ``--mem-per-cpu``); None elsewhere."""
+    env = os.environ if environ is None else environ
+    node = env.get("SLURM_MEM_PER_NODE", "")
+    if node.isdigit() and int(node) > 0:
+        return int(node) / 1024
+    per_cpu, cpus = env.get("SLURM_MEM_PER_CPU", ""), env.get("SLURM_CPUS_PER_TASK", "1")
+    if per_cpu.isdigit() and int(per_cpu) > 0 and cpus.isdigit():
+        return int(per_cpu) * max(int(cpus), 1) / 1024
+    return None
+
+
+def scheduler_scratch(environ: Mapping[str, str] | None = None) -> Path | None:
+    """The node-local scratch folder of a SLURM task (``$SLURM_TMPDIR``, else ``$TMPDIR``).
+
+    Only inside a SLURM job: the work folder's many small files then stay off the shared file
+    system. Outside one, ``$TMPDIR`` is often a small ``/tmp`` and the default is unchanged.
+    """
+    env = os.environ if environ is None else environ
+    if not env.get("SLURM_JOB_ID"):
+        return None
+    folder = env.get("SLURM_TMPDIR") or env.get("TMPDIR")
+    return Path(folder) if folder else None
 
 
 def _plugin(path: Path | None, nprocs: int, omp_nthreads: int, mem_gb: float | None):  # noqa: ANN202
@@ -111,10 +156,14 @@ def build_config(argv: Sequence[str] | None = None) -> RunConfig:
         raise UsageError("--preset and --hub are exclusive: a hub file is a preset")
     bids_dir = opts.bids_dir.expanduser().resolve()
     output_dir = opts.output_dir.expanduser().resolve()
-    work_dir = (opts.work_dir or output_dir.parent / "work" / "hsf_bids").expanduser().resolve()
+    scratch = scheduler_scratch()
+    default_work = scratch / "hsf_bids" if scratch else output_dir.parent / "work" / "hsf_bids"
+    work_dir = (opts.work_dir or default_work).expanduser().resolve()
     if opts.work_dir is None and _is_within(work_dir, bids_dir):
         work_dir = output_dir / "work"
-    _check_folders(bids_dir, output_dir, work_dir, opts.analysis_level)
+    # Listing the participants only reads the dataset: it creates no folder.
+    level = "list" if opts.list_participants else opts.analysis_level
+    _check_folders(bids_dir, output_dir, work_dir, level)
 
     filters = {}
     if opts.bids_filter_file is not None:
@@ -122,11 +171,12 @@ def build_config(argv: Sequence[str] | None = None) -> RunConfig:
 
         filters = load_bids_filters(opts.bids_filter_file)
 
-    nprocs = opts.nprocs or os.cpu_count() or 1
+    nprocs = opts.nprocs or scheduler_cpus()
     omp = opts.omp_nthreads or min(nprocs, 8)
     if omp > nprocs:
         raise UsageError(f"--omp-nthreads {omp} exceeds --nprocs {nprocs}")
-    plugin, plugin_args = _plugin(opts.use_plugin, nprocs, omp, opts.mem_gb)
+    mem_gb = opts.mem_gb or scheduler_mem_gb()
+    plugin, plugin_args = _plugin(opts.use_plugin, nprocs, omp, mem_gb)
     hub = opts.hub.expanduser().resolve() if opts.hub else None
     if hub is not None and not hub.is_file():
         raise UsageError(f"the hub file {hub} does not exist", exit_code=ex.EX_NOINPUT)
@@ -142,12 +192,13 @@ def build_config(argv: Sequence[str] | None = None) -> RunConfig:
         contrast=opts.contrast,
         nprocs=nprocs,
         omp_nthreads=omp,
-        mem_gb=opts.mem_gb,
+        mem_gb=mem_gb,
         plugin=plugin,
         plugin_args=plugin_args,
         stop_on_first_crash=opts.stop_on_first_crash,
         write_graph=opts.write_graph,
         reports_only=opts.reports_only,
+        list_participants=opts.list_participants,
         verbosity=opts.verbosity,
         preset=None if hub else (opts.preset or DEFAULT_PRESET),
         hub=hub,
@@ -164,6 +215,35 @@ def build_config(argv: Sequence[str] | None = None) -> RunConfig:
     )
 
 
+def list_participants(config: RunConfig) -> int:
+    """``--list-participants``: print, one per line, the participants that have an image this run
+    would segment (the selection, filters, contrast and the models' contrasts), then exit.
+
+    A scheduler's array maps its task index to a line of this list, so no task starts for a
+    subject without a usable image, whatever ``participants.tsv`` says.
+    """
+    from hsf_bids.bids import BIDSQueryError, collect_jobs
+    from hsf_bids.hub import HubError, resolve_preset
+    from hsf_bids.settings import select_jobs
+
+    try:
+        jobs, _ = collect_jobs(
+            config.bids_dir,
+            participant_labels=config.participant_labels,
+            session_labels=config.session_labels,
+            contrast=config.contrast,
+            bids_filters=config.bids_filters,
+        )
+        preset = resolve_preset(config.preset, config.hub)
+    except (BIDSQueryError, HubError) as exc:
+        LOGGER.error("%s", exc)
+        return ex.exit_code(exc)
+    accepted, _ = select_jobs(jobs, preset.contrasts)
+    for subject in sorted({job.subject for job in accepted}):
+        print(subject)
+    return ex.EX_OK
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``hsf-bids``; returns the exit code."""
     setup_console(PROG)
@@ -173,6 +253,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         LOGGER.error("%s", exc)
         return ex.exit_code(exc, default=ex.EX_USAGE)
     setup_console(PROG, verbosity_level(config.verbosity))
+    if config.list_participants:
+        return list_participants(config)
     logging.getLogger("nipype.workflow").setLevel(
         logging.INFO if config.verbosity else logging.WARNING
     )
