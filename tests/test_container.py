@@ -34,6 +34,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import yaml
+from conftest import require
 
 import hsf_bids
 from hsf_bids.hub import MODELS_DIR_ENV, list_presets, load_preset
@@ -47,19 +48,10 @@ TEMPLATE_DIR = "tpl-MNI152NLin2009cSym"
 BASE_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
 
-def _require(condition: bool, reason: str) -> None:
-    """Skip when a tool is missing; under CI=true that is a failure."""
-    if condition:
-        return
-    if os.environ.get("CI", "").lower() == "true":
-        pytest.fail(reason)
-    pytest.skip(reason)
-
-
 def _tool(name: str) -> str:
     exe = Path(sys.executable).with_name(name)
     path = str(exe) if exe.is_file() else shutil.which(name)
-    _require(path is not None, f"{name} is not installed (pip install -e '.[test]')")
+    require(path is not None, f"{name} is not installed (pip install -e '.[test]')")
     return str(path)
 
 
@@ -491,12 +483,12 @@ def _base_python() -> tuple[str, bool]:
 def _namespace_prefix() -> list[str]:
     """``unshare`` for a private mount namespace (root, or a user namespace mapping root)."""
     unshare = shutil.which("unshare")
-    _require(unshare is not None and sys.platform == "linux", "unshare (util-linux) is needed")
+    require(unshare is not None and sys.platform == "linux", "unshare (util-linux) is needed")
     prefix = [str(unshare), "--mount", "--propagation", "private"]
     if os.geteuid() != 0:
         prefix.insert(1, "--map-root-user")
     probe = subprocess.run([*prefix, "--net", "true"], capture_output=True, text=True)
-    _require(probe.returncode == 0, f"cannot create mount/network namespaces: {probe.stderr}")
+    require(probe.returncode == 0, f"cannot create mount/network namespaces: {probe.stderr}")
     return prefix
 
 
@@ -628,7 +620,7 @@ def image_run(ds_mini, demo_hub, templateflow_home, tmp_path_factory):
     tops = sorted({"/" + Path(p).parts[1] for p in (venv_dir, models, tf_home, home, "/opt/data")})
     overlays = []
     for top in tops:
-        _require(Path(top).is_dir(), f"{top} must exist to mount the image's folders below it")
+        require(Path(top).is_dir(), f"{top} must exist to mount the image's folders below it")
         upper, work = (
             root / "overlay" / top.strip("/") / "upper",
             root / "overlay" / top.strip("/") / "work",

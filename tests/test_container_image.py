@@ -29,6 +29,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import yaml
+from conftest import require
 
 import hsf_bids
 from hsf_bids.bids import validate_dataset
@@ -51,15 +52,6 @@ RUN_OPTIONS = [
 DECISIVE = ("onnxruntime", "numpy", "scipy", "antspyx", "nibabel", "openvino", "pandas")
 
 
-def _require(condition: bool, reason: str) -> None:
-    """Skip when a tool is missing; under CI=true that is a failure."""
-    if condition:
-        return
-    if os.environ.get("CI", "").lower() == "true":
-        pytest.fail(reason)
-    pytest.skip(reason)
-
-
 def _engine() -> tuple[str, list[str]]:
     """The container engine and the options its ``run`` needs on this kind of host."""
     if shutil.which("podman"):
@@ -73,7 +65,7 @@ def _engine() -> tuple[str, list[str]]:
         return "podman", [*global_opts, "run", *run_opts]
     docker = shutil.which("docker")
     up = docker and subprocess.run([docker, "info"], capture_output=True).returncode == 0
-    _require(bool(up), "no container engine: install podman, runc and mmdebstrap (or docker)")
+    require(bool(up), "no container engine: install podman, runc and mmdebstrap (or docker)")
     return "docker", [str(docker), "run"]
 
 
@@ -115,7 +107,7 @@ def image(demo_hub, templateflow_home, tmp_path_factory):
     build = [str(src / "docker" / "build.sh"), "--engine", engine, "--tag", TAG,
              "--hub", str(hub), "--templates", str(templateflow_home)]  # fmt: skip
     if engine == "podman":
-        _require(shutil.which("mmdebstrap") is not None, "mmdebstrap is not installed")
+        require(shutil.which("mmdebstrap") is not None, "mmdebstrap is not installed")
         build += ["--make-base", "--base", BASE]
     if os.environ.get("HSF_BIDS_TEST_QUANTIZE", "0") != "1":
         build.append("--no-quantize")  # NNCF's int8 step: see the README for its time

@@ -25,6 +25,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+from conftest import require
 
 from hsf_bids.bids import validate_dataset
 
@@ -36,15 +37,6 @@ SUBJECTS = ("01", "02", "03", "04")
 N_IMAGES = 5
 
 pytestmark = pytest.mark.slurm
-
-
-def _require(condition: bool, reason: str) -> None:
-    """Skip when a tool is missing; under CI=true that is a failure."""
-    if condition:
-        return
-    if os.environ.get("CI", "").lower() == "true":
-        pytest.fail(reason)
-    pytest.skip(reason)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -200,9 +192,9 @@ def _stop_pid(pid_file: Path) -> None:
 def cluster() -> Iterator[Cluster]:
     """munged, slurmctld and slurmd on 127.0.0.1; stopped and removed at the end."""
     missing = [t for t in TOOLS if shutil.which(t) is None]
-    _require(not missing, f"SLURM and MUNGE are not installed ({', '.join(missing)} missing; "
+    require(not missing, f"SLURM and MUNGE are not installed ({', '.join(missing)} missing; "
                           "apt-get install slurm-wlm munge)")  # fmt: skip
-    _require(os.geteuid() == 0, "a test SLURM cluster runs its daemons as root")
+    require(os.geteuid() == 0, "a test SLURM cluster runs its daemons as root")
     # short: a unix socket path is limited to 107 bytes
     root = Path(tempfile.mkdtemp(prefix="hsf_slurm_", dir="/tmp"))
     os.chmod(root, 0o755)  # slurmd's job steps read the spool folder
