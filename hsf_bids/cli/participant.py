@@ -148,6 +148,18 @@ def _accepted_jobs(jobs: list[SegmentationJob], preset) -> list[SegmentationJob]
     return accepted
 
 
+def select_images(config: RunConfig) -> tuple[list[SegmentationJob], list[str]]:
+    """The segmentations the run's selection asks for (labels, contrast, BIDS filters), and the
+    problems met; see :func:`hsf_bids.bids.collect_jobs`, whose errors it raises."""
+    return collect_jobs(
+        config.bids_dir,
+        participant_labels=config.participant_labels,
+        session_labels=config.session_labels,
+        contrast=config.contrast,
+        bids_filters=config.bids_filters,
+    )
+
+
 def run_participant(config: RunConfig) -> int:
     """Segment every selected image; returns the BIDS Apps exit code."""
     from hsf_bids.engines import EngineError
@@ -162,13 +174,7 @@ def run_participant(config: RunConfig) -> int:
     # known to be valid, so an invalid dataset still ends with its own exit code first.
     query_error: Exception | None = None
     try:
-        jobs, without = collect_jobs(
-            config.bids_dir,
-            participant_labels=config.participant_labels,
-            session_labels=config.session_labels,
-            contrast=config.contrast,
-            bids_filters=config.bids_filters,
-        )
+        jobs, without = select_images(config)
     except Exception as exc:  # noqa: BLE001 - re-raised or reported after validation
         query_error = exc
     phases.lap("query")

@@ -222,18 +222,13 @@ def list_participants(config: RunConfig) -> int:
     A scheduler's array maps its task index to a line of this list, so no task starts for a
     subject without a usable image, whatever ``participants.tsv`` says.
     """
-    from hsf_bids.bids import BIDSQueryError, collect_jobs
+    from hsf_bids.bids import BIDSQueryError
+    from hsf_bids.cli.participant import select_images
     from hsf_bids.hub import HubError, resolve_preset
     from hsf_bids.settings import select_jobs
 
     try:
-        jobs, _ = collect_jobs(
-            config.bids_dir,
-            participant_labels=config.participant_labels,
-            session_labels=config.session_labels,
-            contrast=config.contrast,
-            bids_filters=config.bids_filters,
-        )
+        jobs, _ = select_images(config)
         preset = resolve_preset(config.preset, config.hub)
     except (BIDSQueryError, HubError) as exc:
         LOGGER.error("%s", exc)
