@@ -194,24 +194,15 @@ def server_etag(s3_root: str, home: Path, path: Path, timeout: float) -> str:
 def verify_checksums(
     paths: dict[str, Path], home: Path, s3_root: str, pins: dict[str, str], timeout: float
 ) -> dict[str, str]:
-    """Check each file against its server ETag and its pin; returns the SHA-256 of each."""
-    sha256 = {}
-    for name, path in paths.items():
+    """Check each file against its server ETag, then its pin; returns the SHA-256 of each."""
+    for path in paths.values():
         etag = server_etag(s3_root, home, path, timeout)
         if not matches_etag(path, etag):
             raise VerificationError(
                 f"{path}: checksum mismatch: its MD5 is {_digest(path, 'md5')}, the server "
                 f"reports ETag {etag}"
             )
-        sha256[name] = _digest(path, "sha256")
-        if name in pins and pins[name] != sha256[name]:
-            raise VerificationError(
-                f"{path}: checksum mismatch: SHA-256 {sha256[name]}, pinned {pins[name]}"
-            )
-    unknown = set(pins) - set(paths)
-    if unknown:
-        raise VerificationError(f"pinned files that are not fetched: {sorted(unknown)}")
-    return sha256
+    return verify_pins(paths, pins)
 
 
 def verify_content(paths: dict[str, Path]) -> None:
