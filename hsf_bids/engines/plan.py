@@ -280,9 +280,13 @@ def plan_models(
         if precision == "int8" and not candidates:
             raise _no_int8(path, folder)
         known: dict[str, Agreement] = {}
-        for choice in sorted(candidates, key=lambda c: _rank(c.name, precision)):
-            if _rank(choice.name, precision) == len(_SPEED_ORDER):
-                continue  # slower than OpenVINO fp32 here: never worth its loss of precision
+        # A choice outside the order (bf16 slower than fp32 here) is never worth its loss of
+        # precision.
+        order = auto_order(precision)
+        tried = sorted(
+            (c for c in candidates if c.name in order), key=lambda c: order.index(c.name)
+        )
+        for choice in tried:
             cached = load_cached(folder, path.name, xxh, choice, candidates[choice], cache_dir)
             if cached is None:
                 cached = measurer.measure(path, xxh, {choice: candidates[choice]})[choice.name]
@@ -331,11 +335,6 @@ def auto_order(precision: str | None = None) -> tuple[str, ...]:
 
     keep_bf16 = precision == "bf16" or bf16_beats_fp32()
     return tuple(c for c in _SPEED_ORDER if keep_bf16 or c != "openvino/bf16/cpu")
-
-
-def _rank(name: str, precision: str | None) -> int:
-    order = auto_order(precision)
-    return order.index(name) if name in order else len(_SPEED_ORDER)
 
 
 def auto_choice(known: dict[str, Agreement], precision: str | None = None) -> str | None:
