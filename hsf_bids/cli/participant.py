@@ -234,7 +234,11 @@ def run_participant(config: RunConfig) -> int:
         LOGGER.error("%s", exc)
         return ex.exit_code(exc)
     _report(config, jobs, failed)
-    _write_reports(config, jobs)
+    try:
+        _write_reports(config, jobs)
+    except DerivativesError as exc:  # the disk is full: the report is an output like the others
+        LOGGER.error("%s", exc)
+        return ex.exit_code(exc)
     phases.lap("reports")
     phases.write(config.work_dir, f"timing_{config.run_id}.json")
     if failed:
@@ -299,12 +303,23 @@ def _run_workflow(
         except Exception as exc:  # noqa: BLE001 - graphviz missing: the graph is optional
             LOGGER.warning("could not write the workflow graph: %s", exc)
     phases.lap("workflow_build")
+    unwritable: OSError | None = None
     try:
         wf.run(plugin=config.plugin, plugin_args=config.plugin_args)
+    except OSError as exc:  # Nipype could not write its own files (node results, crash files)
+        unwritable = exc
     except Exception as exc:  # noqa: BLE001 - node failures are reported from their crash files
         LOGGER.debug("workflow ended with errors: %s", exc)
     if loader is not None:
         loader.join()  # never leave a thread inside an engine's C++ code at exit
+    if unwritable is not None:  # a full disk: every later step would fail the same way
+        from hsf_bids.outputs import DerivativesError
+
+        where = unwritable.filename or "the work folder or a crash file"
+        raise DerivativesError(
+            f"could not write {where}: {unwritable.strerror or unwritable}; make room and run "
+            "the same command again"
+        ) from unwritable
     phases.lap("workflow_run")
     failed = {}
     for subject in subjects:
