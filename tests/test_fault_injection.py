@@ -7,7 +7,7 @@ are reached with the app's testing hook ``HSF_BIDS_FAULT_AT=<point>`` (:mod:`hsf
 the process stops itself there (``SIGSTOP``), and the test does the rest from outside, as the
 world would:
 
-- ``kill -9`` of the whole process group at 12 points over every stage (registration, each
+- ``kill -9`` of the whole process group at 15 points over every stage (registration, each
   side's inference, paste back, each output file being written, the report), each run resuming
   in the output and work folders the killed one left: after each kill, no partial file under a
   final name and nothing left by the kill before; after the last rerun, outputs byte-identical to
@@ -50,6 +50,9 @@ ANAT = "sub-01/anat"
 # point would not be reached again): point -> the folder (relative to the output) where a kill
 # there leaves a temporary file.
 KILL_POINTS = {
+    "write:dataset_description.json": ".",  # the shared top-level files, first
+    "write:desc-subfields_dseg.tsv": ".",
+    "write:.bidsignore": ".",
     "registration": None,
     "segment:right": None,
     "segment:left": None,
