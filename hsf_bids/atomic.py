@@ -17,7 +17,7 @@ write the right one. Files get the mode ``open`` gives them (``0o666`` less the 
 
 Telling an abandoned temporary file from one being written: the writer holds an exclusive
 ``flock`` on it until the rename, and the kernel drops the lock when the process ends, however it
-ends. A lock, unlike a pid, is right across pid namespaces (containers), pid reuse and forked
+ends. A lock, unlike a pid, holds across pid namespaces (containers), pid reuse and forked
 workers. Only files named with this machine's host name are ever removed: where a shared file
 system keeps locks local to each client (NFS ``local_lock``, Lustre ``localflock``), another
 machine's writer cannot be seen, so its files are left alone. Where locks are not supported at

@@ -12,6 +12,10 @@ killed, the private temporary folder removed, exit :data:`~hsf_bids.errors.EX_TE
 128 + 15, as shells report it). Nothing is lost: every output is written atomically
 (:mod:`hsf_bids.atomic`), so a file is either whole or not there, and the work folder keeps every
 finished step, so the same command resumes where the run stopped.
+
+The watcher needs the GIL for a moment: native code that releases it (ONNX Runtime, ANTs through
+ctypes, large NumPy operations) does not delay the stop; a call that holds it does, until it
+returns (no such call in a run lasts more than about a second).
 """
 
 from __future__ import annotations
