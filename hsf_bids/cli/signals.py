@@ -15,7 +15,7 @@ finished step, so the same command resumes where the run stopped.
 
 The watcher needs the GIL for a moment: native code that releases it (ONNX Runtime, ANTs through
 ctypes, large NumPy operations) does not delay the stop; a call that holds it does, until it
-returns (no such call in a run lasts more than about a second).
+returns (``SIGKILL`` still ends the run where it is, and the rerun resumes as after a kill).
 """
 
 from __future__ import annotations
