@@ -19,7 +19,7 @@ world would:
   map, volumes table, report): one clear line, exit 73, no partial file under a final name; the
   next run, with room, resumes and completes;
 - ``SIGTERM`` (what schedulers send at a time limit): the run stops within seconds, says so,
-  exits 143, and a rerun reuses the work folder's finished steps.
+  exits 143, and a rerun reuses the work folder's finished steps; also while ANTs runs.
 
 Chained runs (each resuming from the previous one's kill) keep the suite's cost near that of
 one run per point rather than two (about 4 minutes in all on 2 CPUs).
@@ -274,4 +274,29 @@ def test_sigterm_stops_the_run_at_once_and_a_rerun_resumes(reference, ds_mini, f
     assert differences(run.out, reference) == []
     after = _results(run.work)
     assert {name: after[name] for name in finished} == finished  # reused, not recomputed
+    assert run.leftovers() == []
+
+
+def test_sigterm_during_the_registration_stops_the_run_within_seconds(
+    reference, ds_mini, fast_hub, tmp_path
+):
+    """No hook: the signal comes while ANTs runs (native code), as a time limit would."""
+    run = Run(tmp_path, ds_mini, fast_hub)
+    proc = run.start()
+    node = run.work.glob("hsf_bids_*_wf/sub_01_wf/sub_01_T1w_wf/localise/_node.pklz")
+    deadline = time.monotonic() + 120
+    while not list(node):
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[0]
+        time.sleep(0.02)
+        node = run.work.glob("hsf_bids_*_wf/sub_01_wf/sub_01_T1w_wf/localise/_node.pklz")
+    time.sleep(0.5)  # the registration has started (it takes seconds)
+    start = time.monotonic()
+    os.killpg(proc.pid, signal.SIGTERM)
+    log, _ = proc.communicate(timeout=60)
+    elapsed = time.monotonic() - start
+    print(f"stopped {elapsed:.2f} s after SIGTERM during the registration")
+
+    assert proc.returncode == EX_TERMINATED, log
+    assert elapsed < 3
+    assert not list(run.work.rglob("result_localise.pklz"))  # it was stopped, not finished
     assert run.leftovers() == []
