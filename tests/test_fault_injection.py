@@ -22,7 +22,7 @@ world would:
   exits 143, and a rerun reuses the work folder's finished steps; also while ANTs runs.
 
 Chained runs (each resuming from the previous one's kill) keep the suite's cost near that of
-one run per point rather than two (about 4 minutes in all on 2 CPUs).
+one run per point rather than two (about 3 minutes in all on 2 busy CPUs).
 """
 
 from __future__ import annotations
