@@ -21,7 +21,8 @@ import pandas as pd
 from hsf_bids.errors import EX_NOINPUT, HsfBidsError
 from hsf_bids.logs import crash_files, crash_reason, latest_run_dir
 from hsf_bids.outputs.read import has_volumes, read_sidecar, sidecar_of_source, volumes_tables
-from hsf_bids.outputs.volumes import MIN_PLAUSIBLE_HC_MM3
+from hsf_bids.outputs.volumes import MIN_PLAUSIBLE_HC_MM3, SPREAD_COLUMNS
+from hsf_bids.vocabulary import WHOLE_HIPPOCAMPUS
 
 # Iglewicz and Hoaglin's rule: |modified z| > 3.5 marks an outlier; below 5 values the median
 # absolute deviation says too little to flag anyone.
@@ -33,7 +34,11 @@ MAD_TO_SIGMA = 0.6745
 IMAGE_KEYS = ("participant_id", "session_id", "acq", "ce", "rec", "run", "contrast", "source")
 _TEXT_COLUMNS = (*IMAGE_KEYS, "side", "structure")
 STATUS_COLUMNS = ["participant_id", "status", "run_id", "reason", "crash_file"]
-FLAG_COLUMNS = ("flag_localisation", "flag_uncertainty", "flag_volume", "flag_asymmetry")
+FLAG_COLUMNS = (
+    "flag_localisation", "flag_uncertainty", "flag_volume", "flag_asymmetry", "flag_spread",
+)  # fmt: skip
+# The wide table's suffix for each spread column of the long one (left_HC_sd_mm3, ...).
+WIDE_SPREAD = {"volume_sd_mm3": "sd", "volume_p05_mm3": "p05", "volume_p95_mm3": "p95"}
 
 
 class GroupInputError(HsfBidsError, ValueError):
@@ -118,9 +123,15 @@ def add_flags(long: pd.DataFrame) -> pd.DataFrame:
     ``flag_localisation``: the image's ``localisation_ok`` is false; ``flag_uncertainty``: mean
     uncertainty far above the group (robust z > 3.5); ``flag_volume``: volume far from the group
     (|robust z| > 3.5), or a whole hippocampus under :data:`MIN_PLAUSIBLE_HC_MM3` (checked
-    whatever the group size); ``flag_asymmetry``: left/right asymmetry index far from the group.
+    whatever the group size); ``flag_asymmetry``: left/right asymmetry index far from the group;
+    ``flag_spread``: a whole hippocampus whose relative ensemble spread (``volume_sd_mm3 /
+    volume_mm3``) is far above the group's (robust z > 3.5): the models disagree on this image.
+    Tables without the spread columns (older outputs) get no spread flag.
     """
     out = _filled(long)
+    for column in (*SPREAD_COLUMNS, "n_predictions"):
+        if column not in out.columns:
+            out[column] = np.nan
     by = ["contrast", "side", "structure"]
     out["volume_z"] = out.groupby(by, dropna=False)["volume_mm3"].transform(robust_z)
     out["uncertainty_z"] = out.groupby(by, dropna=False)["mean_uncertainty"].transform(robust_z)
@@ -129,30 +140,43 @@ def add_flags(long: pd.DataFrame) -> pd.DataFrame:
     index = ((sides["left"] - sides["right"]) / mean.where(mean > 0)).rename("asymmetry_index")
     out = out.merge(index.reset_index(), on=[*IMAGE_KEYS, "structure"], how="left")
     out["asymmetry_z"] = out.groupby(by, dropna=False)["asymmetry_index"].transform(robust_z)
+    volume = out["volume_mm3"].astype(float)
+    out["relative_spread"] = out["volume_sd_mm3"].astype(float) / volume.where(volume > 0)
+    out["spread_z"] = out.groupby(by, dropna=False)["relative_spread"].transform(robust_z)
     out["flag_localisation"] = ~out["localisation_ok"].fillna(False).astype(bool)
     out["flag_uncertainty"] = out["uncertainty_z"] > ROBUST_Z_LIMIT
     implausible = (out["structure"] == "HC") & (out["volume_mm3"] < MIN_PLAUSIBLE_HC_MM3)
     out["flag_volume"] = (out["volume_z"].abs() > ROBUST_Z_LIMIT) | implausible
     out["flag_asymmetry"] = out["asymmetry_z"].abs() > ROBUST_Z_LIMIT
-    for column in ("volume_z", "uncertainty_z", "asymmetry_index", "asymmetry_z"):
+    whole = out["structure"] == WHOLE_HIPPOCAMPUS
+    out["flag_spread"] = whole & (out["spread_z"] > ROBUST_Z_LIMIT)
+    for column in ("volume_z", "uncertainty_z", "asymmetry_index", "asymmetry_z",
+                   "relative_spread", "spread_z"):  # fmt: skip
         out[column] = out[column].astype(float).round(4)
     return _unfilled(out)
 
 
 def wide_table(long: pd.DataFrame) -> pd.DataFrame:
     """One row per image: ``<side>_<structure>_mm3`` for every side and structure (whole
-    hippocampus ``HC`` included), ``icv_mm3``, ``localisation_ok`` and the row's flags."""
+    hippocampus ``HC`` included), each followed by its ensemble spread
+    (``<side>_<structure>_sd_mm3``, ``_p05_mm3``, ``_p95_mm3``) when the long table has it,
+    ``n_predictions``, ``icv_mm3``, ``localisation_ok`` and the row's flags."""
     keys = list(IMAGE_KEYS)
     long = _filled(long)
-    volumes = long.pivot_table(
-        index=keys, columns=["side", "structure"], values="volume_mm3", sort=False
-    )
-    volumes.columns = [f"{side}_{r_name(structure)}_mm3" for side, structure in volumes.columns]
-    order = sorted(volumes.columns, key=lambda c: (not c.startswith("left"), c.endswith("HC_mm3")))
-    volumes = volumes[order]
-    per_image = long.groupby(keys, dropna=False, sort=False).agg(
-        icv_mm3=("icv_mm3", "first"), localisation_ok=("localisation_ok", "first")
-    )
+    stats = {"volume_mm3": ""} | {c: f"_{s}" for c, s in WIDE_SPREAD.items() if c in long}
+    # unstack, not pivot_table: a spread column that is n/a everywhere (one prediction) stays.
+    cells = long.set_index([*keys, "side", "structure"])[list(stats)].astype(float)
+    volumes = cells.unstack(["side", "structure"])
+    pairs = list(dict.fromkeys(zip(long["side"], long["structure"], strict=True)))
+    pairs.sort(key=lambda c: (c[0] != "left", c[1] == WHOLE_HIPPOCAMPUS))
+    volumes = volumes[[(stat, side, structure) for side, structure in pairs for stat in stats]]
+    volumes.columns = [
+        f"{side}_{r_name(structure)}{stats[stat]}_mm3" for stat, side, structure in volumes.columns
+    ]
+    aggregates = {"icv_mm3": ("icv_mm3", "first"), "localisation_ok": ("localisation_ok", "first")}
+    if "n_predictions" in long:
+        aggregates = {"n_predictions": ("n_predictions", "max"), **aggregates}
+    per_image = long.groupby(keys, dropna=False, sort=False).agg(**aggregates)
     flagged = long[list(FLAG_COLUMNS)].any(axis=1)
     reasons = (
         long[flagged]
@@ -181,6 +205,8 @@ def _row_flags(row: pd.Series) -> list[str]:
         found.append(f"{where} volume {'implausibly small' if small else 'outlier'}")
     if row["flag_asymmetry"]:
         found.append(f"{row['structure']} asymmetry outlier")
+    if row["flag_spread"]:
+        found.append(f"{where} ensemble spread high")
     return found
 
 
