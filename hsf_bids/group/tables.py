@@ -164,9 +164,10 @@ def wide_table(long: pd.DataFrame) -> pd.DataFrame:
     keys = list(IMAGE_KEYS)
     long = _filled(long)
     stats = {"volume_mm3": ""} | {c: f"_{s}" for c, s in WIDE_SPREAD.items() if c in long}
-    # unstack, not pivot_table: a spread column that is n/a everywhere (one prediction) stays.
-    cells = long.set_index([*keys, "side", "structure"])[list(stats)].astype(float)
-    volumes = cells.unstack(["side", "structure"])
+    # groupby-unstack, not pivot_table: a spread column that is n/a everywhere (one prediction)
+    # stays; a repeated row is averaged, as pivot_table did.
+    cells = long.astype({c: float for c in stats}).groupby([*keys, "side", "structure"], sort=False)
+    volumes = cells[list(stats)].mean().unstack(["side", "structure"])
     pairs = list(dict.fromkeys(zip(long["side"], long["structure"], strict=True)))
     pairs.sort(key=lambda c: (c[0] != "left", c[1] == WHOLE_HIPPOCAMPUS))
     volumes = volumes[[(stat, side, structure) for side, structure in pairs for stat in stats]]
