@@ -12,6 +12,7 @@ import html as html_text
 import json
 import shutil
 import subprocess
+import time
 from pathlib import Path
 
 import nibabel as nib
@@ -48,13 +49,14 @@ SOURCE = "sub-04_ses-01_T1w"
 HEAD = Path("sub-04/ses-01/anat") / f"{SOURCE}.nii.gz"
 ANAT = Path("sub-04/ses-01/anat")
 SPREAD = ["volume_sd_mm3", "volume_p05_mm3", "volume_p95_mm3"]
+CA_MODE, N_AUG = "1/2/3", 20  # the demo hub's
 
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def run(ds_mini, demo_hub, templateflow_home, tmp_path_factory) -> dict:
-    """The seeded participant run: output and work folders and what it wrote for the image."""
+def started(ds_mini, demo_hub, templateflow_home, tmp_path_factory) -> dict:
+    """The seeded participant run, started (the recomputation overlaps its segmentation)."""
     root = tmp_path_factory.mktemp("spread")
     out, work = root / "out", root / "work"
     proc = hsf_bids(
@@ -62,12 +64,29 @@ def run(ds_mini, demo_hub, templateflow_home, tmp_path_factory) -> dict:
         "--hub", demo_hub, "--engine", "openvino", "--precision", "fp32", "--nprocs", "1",
         "--seed", str(SEED), "-w", work,
     )  # fmt: skip
+    yield {"proc": proc, "out": out, "work": work}
+    if proc.poll() is None:
+        proc.kill()
+        proc.wait()
+
+
+@pytest.fixture(scope="module")
+def run(started, recomputed, demo_models) -> dict:
+    """The finished run: output and work folders and what it wrote for the image."""
+    proc, out = started["proc"], started["out"]
     log = finish(proc)
     assert proc.returncode == 0, log
     table = pd.read_csv(out / ANAT / "sub-04_ses-01_desc-subfields_volumes.tsv", sep="\t")
     dseg = out / ANAT / "sub-04_ses-01_space-T1w_desc-subfields_dseg.json"
     sidecar = json.loads(dseg.read_text())
-    return {"out": out, "work": work, "table": table, "sidecar": sidecar}
+    # The recomputation used the run's settings and boxes.
+    provenance = sidecar["Provenance"]
+    assert provenance["Seed"] == SEED and provenance["TestTimeAugmentation"]
+    assert (provenance["CaMode"], provenance["NumAugmentations"]) == (CA_MODE, N_AUG)
+    assert [m["File"] for m in provenance["Models"]] == [p.name for p in demo_models]
+    assert {(m["Engine"], m["Precision"]) for m in provenance["Models"]} == {("openvino", "fp32")}
+    assert provenance["Localisation"]["boxes"] == recomputed["boxes"]
+    return {**started, "table": table, "sidecar": sidecar}
 
 
 def _row(table: pd.DataFrame, side: str, structure: str) -> pd.Series:
@@ -76,15 +95,25 @@ def _row(table: pd.DataFrame, side: str, structure: str) -> pd.Series:
     return rows.iloc[0]
 
 
+def _localisation(started: dict, timeout: float = 600) -> dict:
+    """The run's localisation, as soon as it is written (atomically)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        found = list(started["work"].rglob(f"localise/{stages.LOCALISATION_JSON}"))
+        if found:
+            return json.loads(found[0].read_text())
+        if started["proc"].poll() is not None:
+            pytest.fail("the run ended before localising:\n" + finish(started["proc"]))
+        time.sleep(0.5)
+    pytest.fail(f"no localisation after {timeout} s")
+
+
 @pytest.fixture(scope="module")
-def recomputed(run, ds_mini, demo_models) -> dict:
-    """Each prediction's label counts, recomputed one model at a time: side -> int array
-    ``[models, 1 + copies, labels]``; also each side's crop and the loaded networks."""
-    provenance = run["sidecar"]["Provenance"]
-    ca_mode, n_aug = provenance["CaMode"], provenance["NumAugmentations"]
-    assert provenance["Seed"] == SEED and n_aug == 20 and provenance["TestTimeAugmentation"]
-    assert [m["File"] for m in provenance["Models"]] == [p.name for p in demo_models]
-    assert {(m["Engine"], m["Precision"]) for m in provenance["Models"]} == {("openvino", "fp32")}
+def recomputed(started, ds_mini, demo_models) -> dict:
+    """Each prediction's label counts, recomputed one model at a time while the run segments:
+    side -> int array ``[models, 1 + copies, labels]``; also the boxes, each side's crop and
+    the loaded networks."""
+    boxes = _localisation(started)["boxes"]
     # As the run (--nprocs 1: one thread per network).
     networks = [
         load_network(p, engine="openvino", precision="fp32", threads=1) for p in demo_models
@@ -93,14 +122,13 @@ def recomputed(run, ds_mini, demo_models) -> dict:
     spacing = tuple(float(z) for z in ras.header.get_zooms()[:3])
     data = np.asarray(ras.dataobj)
     counts, crops = {}, {}
-    n_labels = len(structures(ca_mode)) + 1
+    n_labels = len(structures(CA_MODE)) + 1
     for side in SIDES:
-        box = Box.from_dict(provenance["Localisation"]["boxes"][side])
-        crops[side] = (crop(data, box), spacing)
+        crops[side] = (crop(data, Box.from_dict(boxes[side])), spacing)
         image = crops[side][0]
         # The run draws the side's augmentations from this stream before any model runs.
         augmentations = [None, *sample_augmentations(
-            stages.side_seed(SEED, side), n_aug, image.shape, spacing, HSF_TTA
+            stages.side_seed(SEED, side), N_AUG, image.shape, spacing, HSF_TTA
         )]  # fmt: skip
         per_model = np.zeros((len(networks), len(augmentations), n_labels), dtype=np.int64)
         for number, network in enumerate(networks):
@@ -108,11 +136,12 @@ def recomputed(run, ds_mini, demo_models) -> dict:
                 seen = image if aug is None else aug.apply(image)
                 batch, pads = pad_to_multiple(zscore(seen)[None, None])
                 probs = network.run(np.ascontiguousarray(batch, dtype=np.float32))
-                merged = merge_ca(unpad(np.asarray(probs), pads), ca_mode)[0]
+                merged = merge_ca(unpad(np.asarray(probs), pads), CA_MODE)[0]
                 back = merged if aug is None else aug.invert(merged)
                 per_model[number, copy] = np.bincount(back.argmax(0).ravel(), minlength=n_labels)
         counts[side] = per_model
-    return {"counts": counts, "crops": crops, "networks": networks, "ca_mode": ca_mode}
+    return {"counts": counts, "crops": crops, "networks": networks, "ca_mode": CA_MODE,
+            "boxes": boxes}  # fmt: skip
 
 
 def _volumes(counts: np.ndarray, ca_mode: str) -> dict[str, np.ndarray]:
