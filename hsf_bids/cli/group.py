@@ -19,6 +19,7 @@ from hsf_bids.group.tables import (
     VolumesRead,
     add_flags,
     join_phenotypes,
+    read_phenotypes,
     read_volumes,
     subject_status,
     volumes_files,
@@ -139,8 +140,9 @@ def _write_group(config: RunConfig, read: VolumesRead, folder: Path) -> pd.DataF
     if read.table is not None:
         long = add_flags(read.table)
         wide = wide_table(long)
-        long_out, long_extra = join_phenotypes(long, config.bids_dir, IMAGE_KEYS)
-        wide_out, wide_extra = join_phenotypes(wide, config.bids_dir, IMAGE_KEYS)
+        phenotypes = read_phenotypes(config.bids_dir)
+        long_out, long_extra = join_phenotypes(long, config.bids_dir, IMAGE_KEYS, phenotypes)
+        wide_out, wide_extra = join_phenotypes(wide, config.bids_dir, IMAGE_KEYS, phenotypes)
         long_dictionary = {c: {**known, **long_extra}[c] for c in long_out.columns}
         wide_dictionary = {**_wide_dictionary(wide, known), **wide_extra}
         outputs += [(LONG_TSV, long_out, long_dictionary), (WIDE_TSV, wide_out, wide_dictionary)]

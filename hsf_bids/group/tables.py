@@ -11,6 +11,8 @@
 
 from __future__ import annotations
 
+import json
+import logging
 import re
 from collections.abc import Sequence
 from pathlib import Path
@@ -24,6 +26,8 @@ from hsf_bids.logs import crash_files, crash_reason, latest_run_dir
 from hsf_bids.outputs.read import has_volumes, read_sidecar, sidecar_of_source, volumes_tables
 from hsf_bids.outputs.volumes import MIN_PLAUSIBLE_HC_MM3, NONFINITE_INPUT
 from hsf_bids.vocabulary import SIDES
+
+LOGGER = logging.getLogger(__name__)
 
 # Iglewicz and Hoaglin's rule: |modified z| > 3.5 marks an outlier; below 5 values the median
 # absolute deviation says too little to flag anyone.
@@ -350,34 +354,68 @@ def r_name(name: str) -> str:
     return clean
 
 
+Phenotypes = list[tuple[str, pd.DataFrame, list[str], dict]]
+
+
+def _read_phenotype(path: Path, on: list[str]) -> pd.DataFrame | None:
+    """A participants or sessions table; None, with a warning naming it, when it cannot be read
+    or has a key twice (its columns are then not joined: the volumes do not depend on them)."""
+    try:
+        frame = pd.read_csv(path, sep="\t", dtype="string", keep_default_na=False,
+                            na_values=["n/a"], encoding="utf-8")  # fmt: skip
+    except (OSError, ValueError) as exc:
+        LOGGER.warning(
+            "%s: cannot be read (%s); its columns are not joined", path, _first_line(exc)
+        )
+        return None
+    keys = [c for c in on if c in frame.columns]
+    if keys and frame.duplicated(keys).any():
+        LOGGER.warning("%s: a %s is there twice; its columns are not joined", path, keys[-1])
+        return None
+    return frame
+
+
+def read_phenotypes(bids_dir: Path) -> Phenotypes:
+    """``participants.tsv`` (with the descriptions of ``participants.json``) and every
+    ``sessions.tsv`` of the input, for :func:`join_phenotypes`; a file that cannot be read is
+    left out with a warning."""
+    sources: Phenotypes = []
+    participants = bids_dir / "participants.tsv"
+    frame = _read_phenotype(participants, ["participant_id"]) if participants.is_file() else None
+    if frame is not None:
+        sidecar = bids_dir / "participants.json"
+        meta: object = {}
+        if sidecar.is_file():
+            try:
+                meta = json.loads(sidecar.read_text(encoding="utf-8"))
+            except (OSError, ValueError) as exc:
+                LOGGER.warning("%s: cannot be read (%s); columns are described without it",
+                               sidecar, _first_line(exc))  # fmt: skip
+        sources.append(("participants", frame, ["participant_id"],
+                        meta if isinstance(meta, dict) else {}))  # fmt: skip
+    frames = []
+    for path in sorted(bids_dir.glob("sub-*/sub-*_sessions.tsv")):
+        frame = _read_phenotype(path, ["session_id"])
+        if frame is not None:
+            frame.insert(0, "participant_id", path.parent.name)
+            frames.append(frame)
+    if frames:
+        sources.append(("sessions", pd.concat(frames, ignore_index=True),
+                        ["participant_id", "session_id"], {}))  # fmt: skip
+    return sources
+
+
 def join_phenotypes(
-    table: pd.DataFrame, bids_dir: Path, taken: Sequence[str]
+    table: pd.DataFrame, bids_dir: Path, taken: Sequence[str], sources: Phenotypes | None = None
 ) -> tuple[pd.DataFrame, dict[str, dict[str, object]]]:
     """Join ``participants.tsv`` (on ``participant_id``) and each subject's ``sessions.tsv`` (on
     ``participant_id`` and ``session_id``). Their columns get R-valid names; one that collides with
     a column of ours is prefixed ``participants_``/``sessions_``. Returns the table and the joined
-    columns' descriptions (from ``participants.json`` where it describes them)."""
-    import json
-
+    columns' descriptions (from ``participants.json`` where it describes them). ``sources``: what
+    :func:`read_phenotypes` read (read here when None)."""
     described: dict[str, dict[str, object]] = {}
-    sources = []
-    participants = bids_dir / "participants.tsv"
-    if participants.is_file():
-        sidecar = bids_dir / "participants.json"
-        meta = json.loads(sidecar.read_text()) if sidecar.is_file() else {}
-        frame = pd.read_csv(participants, sep="\t", dtype="string", keep_default_na=False,
-                            na_values=["n/a"])  # fmt: skip
-        sources.append(("participants", frame, ["participant_id"], meta))
-    sessions = sorted(bids_dir.glob("sub-*/sub-*_sessions.tsv"))
-    if sessions:
-        frames = []
-        for path in sessions:
-            frame = pd.read_csv(path, sep="\t", dtype="string", keep_default_na=False,
-                                na_values=["n/a"])  # fmt: skip
-            frame.insert(0, "participant_id", path.parent.name)
-            frames.append(frame)
-        sources.append(("sessions", pd.concat(frames, ignore_index=True),
-                        ["participant_id", "session_id"], {}))  # fmt: skip
+    if sources is None:
+        sources = read_phenotypes(bids_dir)
     out = table
     used = set(taken) | set(table.columns)
     for prefix, frame, on, meta in sources:
