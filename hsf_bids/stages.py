@@ -27,7 +27,7 @@ import numpy as np
 import pandas as pd
 
 from hsf_bids.engines.base import Network
-from hsf_bids.image import from_ras, load_anat, to_ras
+from hsf_bids.image import from_ras, load_anat, nonfinite_voxels, to_ras
 from hsf_bids.localisation import Box, crop, locate
 from hsf_bids.outputs.derivatives import write_json
 from hsf_bids.settings import SegmentationSettings
@@ -223,11 +223,15 @@ def write_derivatives(
     contrast: str,
     settings: SegmentationSettings,
     out_dir: str | os.PathLike[str],
+    secondary_file: str | os.PathLike[str] | None = None,
 ) -> tuple[dict[str, Path], Path]:
     """Write the image's derivatives (atomically) and its rows of the volumes table.
 
     ``contrast`` is what the volumes table calls the input (``T1w``, ``T2w`` or ``T1w+T2w``);
-    ``settings`` gives the ``ca_mode`` and the provenance block of the sidecars.
+    ``settings`` gives the ``ca_mode`` and the provenance block of the sidecars;
+    ``secondary_file`` is the second contrast fused in, if any. The sidecars' ``Provenance.QC``
+    and the table's ``qc_flags`` say what is wrong with the results (NaN input voxels, an empty
+    or implausibly small hippocampus).
 
     Returns the written derivative paths and a TSV of this image's volume rows in ``out_dir``
     (the session's table is assembled by :func:`write_volumes_table`).
@@ -248,14 +252,25 @@ def write_derivatives(
                         "template_to_subject", "seed", "resolution", "schedule")
         },
     }  # fmt: skip
-    written = write_segmentation(
-        output_dir, entities, labels, uncertainty, source, sources=sources, provenance=record
+    # NaN voxels were segmented as background (load_anat): counted again here, from every
+    # input, so that the tables and the sidecar flag the image.
+    nonfinite = sum(
+        nonfinite_voxels(load_anat(f)) for f in (source_file, secondary_file) if f is not None
     )
     icv = estimate_icv_mm3(np.asarray(loc["template_to_subject"]))
     table = compute_volumes(
         labels, uncertainty, source.affine, settings.ca_mode, entities=entities,
         contrast=contrast, icv_mm3=icv, localisation_ok=bool(loc["localisation_ok"]),
+        nonfinite_voxels=nonfinite,
     )  # fmt: skip
+    flags = table["qc_flags"].iloc[0]
+    record["QC"] = {
+        "nonfinite_voxels": nonfinite,
+        "qc_flags": flags.split("; ") if isinstance(flags, str) else [],
+    }
+    written = write_segmentation(
+        output_dir, entities, labels, uncertainty, source, sources=sources, provenance=record
+    )
     part = Path(out_dir) / "volumes_part.tsv"
     table.to_csv(part, sep="\t", index=False, na_rep="n/a")
     timer.write(out_dir)

@@ -76,13 +76,18 @@ def _check_images(jobs: list[SegmentationJob]) -> tuple[list[SegmentationJob], l
     A truncated, 4D or empty image is reported with its file name and its job dropped (a bad
     second contrast only leaves the first one alone), so other images and subjects still run.
     """
-    from hsf_bids.image import InvalidImageError, load_anat
+    from hsf_bids.image import InvalidImageError, load_anat, nonfinite_voxels
 
     def problem(path: Path) -> str | None:
         try:
-            load_anat(path)
+            count = nonfinite_voxels(load_anat(path))
         except InvalidImageError as exc:
             return str(exc)
+        if count:
+            LOGGER.warning(
+                "%s: %d voxel(s) are NaN or infinite: segmented as background, which can change "
+                "the volumes; the results are flagged (qc_flags nonfinite_input)", path, count,
+            )  # fmt: skip
         return None
 
     usable, invalid = [], []
@@ -234,6 +239,7 @@ def run_participant(config: RunConfig) -> int:
         LOGGER.error("%s", exc)
         return ex.exit_code(exc)
     _report(config, jobs, failed)
+    _report_qc_flags(config, jobs, failed)
     _write_reports(config, jobs)
     phases.lap("reports")
     phases.write(config.work_dir, f"timing_{config.run_id}.json")
@@ -344,6 +350,29 @@ def _report(config: RunConfig, jobs: list[SegmentationJob], failed: dict[str, li
             LOGGER.error(
                 "%s failed: %s; details in %s", subject, crash_reason(crashfile), crashfile
             )
+
+
+def _report_qc_flags(
+    config: RunConfig, jobs: list[SegmentationJob], failed: dict[str, list[Path]]
+) -> None:
+    """A warning per image of this run whose results are flagged (NaN input voxels, an empty or
+    implausibly small hippocampus), then their number. The exit code stays 0 for them: their
+    outputs are written and say what is wrong."""
+    from hsf_bids.outputs.volumes import describe_qc_flags, read_qc_flags
+
+    subjects = sorted({job.subject for job in jobs if f"sub-{job.subject}" not in failed})
+    found = read_qc_flags(config.output_dir, subjects)
+    flagged = [job for job in jobs if job.image.name in found]
+    for job in flagged:
+        LOGGER.warning(
+            "%s flagged: %s; check it (sub-%s.html)",
+            job.image.name, describe_qc_flags(*found[job.image.name]), job.subject,
+        )  # fmt: skip
+    if flagged:
+        LOGGER.warning(
+            "%d image%s flagged: %s", len(flagged), "s" if len(flagged) > 1 else "",
+            ", ".join(job.image.name for job in flagged),
+        )  # fmt: skip
 
 
 def _write_reports(config: RunConfig, jobs: list[SegmentationJob]) -> None:

@@ -16,6 +16,7 @@ from nipype.interfaces.base import (
     File,
     SimpleInterface,
     TraitedSpec,
+    isdefined,
     traits,
 )
 
@@ -158,6 +159,7 @@ class _DerivativesInput(BaseInterfaceInputSpec):
     localisation = File(exists=True, mandatory=True)
     source_file = File(exists=True, mandatory=True, desc="the input image (names the outputs)")
     sources = traits.List(traits.Str, mandatory=True, desc="BIDS URIs of every input image")
+    secondary_file = File(exists=True, desc="the second contrast fused in, if any")
     output_dir = traits.Str(mandatory=True)
     contrast = traits.Str(mandatory=True, desc="T1w, T2w or T1w+T2w")
     settings = _settings_input()
@@ -186,6 +188,7 @@ class WriteDerivatives(_StageInterface):
             contrast=i.contrast,
             settings=_settings(i),
             out_dir=cwd,
+            secondary_file=i.secondary_file if isdefined(i.secondary_file) else None,
         )
         return {
             "out_dseg": written["dseg"],

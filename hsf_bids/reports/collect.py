@@ -2,7 +2,8 @@
 tables, the look-up table, crash files; find the input images the outputs were made from.
 
 Nothing is recomputed; QC flags come from the sidecars' ``Provenance.Localisation`` (its
-``checks``, ``localisation_ok`` and ``warnings``), plus two consistency checks on the written
+``checks``, ``localisation_ok`` and ``warnings``) and ``Provenance.QC`` (NaN input voxels),
+plus two consistency checks on the written
 files (each side's segmentation inside its recorded box, a non-empty hippocampus on each side).
 """
 
@@ -285,6 +286,13 @@ def collect_subject(
     for image in images:
         image.volumes = rows_by_source.get(image.name, [])
         image.flags = _localisation_flags(image) + _volume_flags(image.volumes)
+        nonfinite = (image.provenance.get("QC") or {}).get("nonfinite_voxels")
+        if nonfinite:
+            image.flags.append(Flag(
+                "warning",
+                f"{nonfinite} voxels of the input were NaN or infinite and were segmented as "
+                "background: the volumes may be wrong",
+            ))  # fmt: skip
         if image.uncertainty is None:
             image.flags.append(Flag("warning", "no uncertainty map next to the segmentation"))
         if image.source_paths[0] is None:
