@@ -292,25 +292,30 @@ def _run_workflow(
     from hsf_bids.workflows.base import init_hsf_wf
 
     settings = SegmentationSettings.from_run(config, preset, plan)
-    loader = _prefetch_networks(settings) if config.plugin == "Linear" else None
+    # The shared files decide whether this output folder is ours at all: a refusal must come
+    # before any model starts loading, or the process would exit with a thread inside an
+    # engine's C++ code (an abort, exit 134, instead of the refusal's code).
     _write_shared_files(config, settings.ca_mode)
     subjects = sorted({job.subject for job in jobs})
     for subject in subjects:
         config.write(config.subject_log_dir(subject) / "config.json")
-    _configure_nipype(config)
-    wf = init_hsf_wf(jobs, config, settings)
-    if config.write_graph:
-        try:
-            wf.write_graph(graph2use="colored", format="svg", simple_form=True)
-        except Exception as exc:  # noqa: BLE001 - graphviz missing: the graph is optional
-            LOGGER.warning("could not write the workflow graph: %s", exc)
-    phases.lap("workflow_build")
+    loader = _prefetch_networks(settings) if config.plugin == "Linear" else None
     try:
-        wf.run(plugin=config.plugin, plugin_args=config.plugin_args)
-    except Exception as exc:  # noqa: BLE001 - node failures are reported from their crash files
-        LOGGER.debug("workflow ended with errors: %s", exc)
-    if loader is not None:
-        loader.join()  # never leave a thread inside an engine's C++ code at exit
+        _configure_nipype(config)
+        wf = init_hsf_wf(jobs, config, settings)
+        if config.write_graph:
+            try:
+                wf.write_graph(graph2use="colored", format="svg", simple_form=True)
+            except Exception as exc:  # noqa: BLE001 - graphviz missing: the graph is optional
+                LOGGER.warning("could not write the workflow graph: %s", exc)
+        phases.lap("workflow_build")
+        try:
+            wf.run(plugin=config.plugin, plugin_args=config.plugin_args)
+        except Exception as exc:  # noqa: BLE001 - node failures are reported from crash files
+            LOGGER.debug("workflow ended with errors: %s", exc)
+    finally:
+        if loader is not None:
+            loader.join()  # on every way out: never exit with a thread inside an engine
     phases.lap("workflow_run")
     failed = {}
     for subject in subjects:

@@ -1,0 +1,91 @@
+"""Hardening of ``hsf-bids`` (issue 15): refused output folders, guards, crash files, exit codes.
+
+Each test here reproduces a failure the issue found; they stop before any registration, so most run
+the command in-process, and those about how the process ends run it in a subprocess.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+
+from hsf_bids.cli.run import main
+from hsf_bids.outputs import lookup_table, lut_path
+
+
+def run(capsys: pytest.CaptureFixture[str], *argv: str | Path) -> tuple[int, str]:
+    code = main([str(a) for a in argv])
+    return code, capsys.readouterr().err
+
+
+def run_process(*argv: str | Path, env: dict[str, str] | None = None) -> tuple[int, str]:
+    """``python -m hsf_bids`` in a child process: its exit status and standard error."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "hsf_bids", *map(str, argv)],
+        capture_output=True, text=True, timeout=300, env={**os.environ, **(env or {})},
+    )  # fmt: skip
+    return proc.returncode, proc.stderr
+
+
+def _loader_threads() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name == "hsf_bids-load-models"]
+
+
+def _refuse_foreign(out: Path) -> str:
+    out.mkdir(parents=True)
+    (out / "dataset_description.json").write_text(
+        json.dumps({"Name": "x", "BIDSVersion": "1.10.0", "GeneratedBy": [{"Name": "fmriprep"}]})
+    )
+    return f"{out / 'dataset_description.json'} describes derivatives of fmriprep, not hsf_bids"
+
+
+def _refuse_other_ca_mode(out: Path) -> str:
+    out.mkdir(parents=True)
+    lookup_table("123").to_csv(lut_path(out), sep="\t", index=False)
+    return f"{lut_path(out)} already describes other labels than ca_mode '1/2/3'"
+
+
+REFUSALS = {"foreign_description": _refuse_foreign, "other_ca_mode": _refuse_other_ca_mode}
+# The models are prefetched only with the Linear plugin (one process): --nprocs 1.
+PARTICIPANT = ("participant", "--participant-label", "01", "--skip-bids-validation", "--nprocs", "1")
+
+
+@pytest.mark.parametrize("refusal", list(REFUSALS))
+def test_refused_output_folder_exits_73_without_a_loading_thread(
+    refusal, capsys, ds_mini, demo_hub, templateflow_home, tmp_path
+):
+    """Issue 15.1: the model-loading thread started before the shared files were written and was
+    never joined when they were refused; the process then aborted (134) inside the engine."""
+    out = tmp_path / "out"
+    expected = REFUSALS[refusal](out)
+    before = set(_loader_threads())
+    code, err = run(
+        capsys, ds_mini, out, *PARTICIPANT, "--hub", demo_hub, "--engine", "onnxruntime",
+        "-w", tmp_path / "work",
+    )  # fmt: skip
+    assert code == 73
+    assert expected in err
+    assert [t for t in _loader_threads() if t not in before and t.is_alive()] == []
+    assert not list(out.glob("sub-*"))
+
+
+@pytest.mark.parametrize("refusal", list(REFUSALS))
+def test_refused_output_folder_process_ends_with_73(
+    refusal, ds_mini, demo_hub, templateflow_home, tmp_path
+):
+    out = tmp_path / "out"
+    expected = REFUSALS[refusal](out)
+    code, err = run_process(
+        ds_mini, out, *PARTICIPANT, "--hub", demo_hub, "--engine", "openvino",
+        "-w", tmp_path / "work",
+    )  # fmt: skip
+    assert code == 73, err
+    assert expected in err
+    assert "terminate called" not in err and "Fatal Python error" not in err
+    assert "Traceback" not in err
