@@ -55,6 +55,12 @@ def _check_folders(bids_dir: Path, output_dir: Path, work_dir: Path, level: str)
             f"the work folder {work_dir} is inside the input BIDS folder {bids_dir}; "
             "choose a folder outside the dataset (-w/--work-dir)"
         )
+    if level == "participant" and _is_within(work_dir, output_dir):
+        raise UsageError(
+            f"the work folder {work_dir} is inside the output folder {output_dir}, whose "
+            "derivatives would then fail the BIDS validator; choose a folder outside it "
+            "(-w/--work-dir)"
+        )
     if level == "list":
         return
     if level == "group":
@@ -160,7 +166,9 @@ def build_config(argv: Sequence[str] | None = None) -> RunConfig:
     default_work = scratch / "hsf_bids" if scratch else output_dir.parent / "work" / "hsf_bids"
     work_dir = (opts.work_dir or default_work).expanduser().resolve()
     if opts.work_dir is None and _is_within(work_dir, bids_dir):
-        work_dir = output_dir / "work"
+        # An output in <bids_dir>/derivatives/: the work folder goes beside the dataset, as
+        # neither the dataset nor the output folder may hold it.
+        work_dir = bids_dir.parent / "work" / "hsf_bids"
     # Listing the participants only reads the dataset: it creates no folder.
     level = "list" if opts.list_participants else opts.analysis_level
     _check_folders(bids_dir, output_dir, work_dir, level)
