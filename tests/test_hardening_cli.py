@@ -53,7 +53,14 @@ def _refuse_other_ca_mode(out: Path) -> str:
 
 REFUSALS = {"foreign_description": _refuse_foreign, "other_ca_mode": _refuse_other_ca_mode}
 # The models are prefetched only with the Linear plugin (one process): --nprocs 1.
-PARTICIPANT = ("participant", "--participant-label", "01", "--skip-bids-validation", "--nprocs", "1")
+PARTICIPANT = (
+    "participant",
+    "--participant-label",
+    "01",
+    "--skip-bids-validation",
+    "--nprocs",
+    "1",
+)
 
 
 @pytest.mark.parametrize("refusal", list(REFUSALS))
@@ -89,3 +96,74 @@ def test_refused_output_folder_process_ends_with_73(
     assert expected in err
     assert "terminate called" not in err and "Fatal Python error" not in err
     assert "Traceback" not in err
+
+
+# --- links planted in the output folder (issue 15.7) ---------------------------------------
+
+
+def _plant(out: Path, name: str, target: str | Path) -> Path:
+    out.mkdir(parents=True, exist_ok=True)
+    link = out / name
+    link.symlink_to(target)
+    return link
+
+
+def test_planted_bidsignore_link_is_refused_by_the_run(
+    capsys, ds_mini, demo_hub, templateflow_home, tmp_path
+):
+    secret = tmp_path / "secret.txt"
+    secret.write_text("another user's private notes\n")
+    out = tmp_path / "out"
+    link = _plant(out, ".bidsignore", secret)
+    code, err = run(
+        capsys, ds_mini, out, *PARTICIPANT, "--hub", demo_hub, "--engine", "onnxruntime",
+        "-w", tmp_path / "work",
+    )  # fmt: skip
+    assert code == 73
+    assert f"{link} is a symbolic link; hsf_bids never follows links in its output folder" in err
+    assert link.is_symlink() and secret.read_text() == "another user's private notes\n"
+    assert not list(out.glob("sub-*"))
+
+
+@pytest.mark.parametrize(
+    "name", [".bidsignore", "dataset_description.json", "desc-subfields_dseg.tsv"]
+)
+@pytest.mark.parametrize("target", ["secret", "/dev/zero", "dangling"])
+def test_shared_files_never_read_through_a_link(tmp_path, name, target):
+    from hsf_bids.outputs import (
+        UnsafeOutputError,
+        write_bidsignore,
+        write_dataset_description,
+        write_lut,
+    )
+
+    secret = tmp_path / "secret.txt"
+    secret.write_text("private\n")
+    out = tmp_path / "out"
+    where = {"secret": secret, "/dev/zero": "/dev/zero", "dangling": tmp_path / "nothing"}
+    link = _plant(out, name, where[target])
+    writers = {
+        ".bidsignore": lambda: write_bidsignore(out),
+        "dataset_description.json": lambda: write_dataset_description(
+            out, version="0", source_dataset=tmp_path, container={}
+        ),
+        "desc-subfields_dseg.tsv": lambda: write_lut(lut_path(out), "1/2/3"),
+    }
+    with pytest.raises(UnsafeOutputError, match="is a symbolic link") as info:
+        writers[name]()
+    assert info.value.exit_code == 73
+    assert link.is_symlink() and secret.read_text() == "private\n"
+
+
+def test_shared_file_that_is_not_a_regular_file(tmp_path):
+    from hsf_bids.outputs import UnsafeOutputError, write_bidsignore
+
+    out = tmp_path / "out"
+    out.mkdir()
+    os.mkfifo(out / ".bidsignore")  # opening it for reading would block without O_NONBLOCK
+    with pytest.raises(UnsafeOutputError, match="is not a regular file"):
+        write_bidsignore(out)
+    (out / ".bidsignore").unlink()
+    (out / ".bidsignore").write_bytes(b"x" * (2 << 20))
+    with pytest.raises(UnsafeOutputError, match="larger than"):
+        write_bidsignore(out)
