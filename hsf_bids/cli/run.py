@@ -131,15 +131,20 @@ def scheduler_scratch(environ: Mapping[str, str] | None = None) -> Path | None:
 def _plugin(path: Path | None, nprocs: int, omp_nthreads: int, mem_gb: float | None):  # noqa: ANN202
     """Nipype plugin name and arguments (from a YAML file when given)."""
     if path is not None:
-        import yaml
+        from hsf_bids.hub.yamlfile import YamlFileError, read_yaml
 
         try:
-            settings = yaml.safe_load(path.read_text()) or {}
-        except (OSError, yaml.YAMLError) as exc:
-            raise UsageError(f"cannot read the plugin file {path}: {exc}") from exc
-        if not isinstance(settings, dict) or "plugin" not in settings:
-            raise UsageError(f"the plugin file {path} must have a 'plugin' key")
-        return str(settings["plugin"]), dict(settings.get("plugin_args") or {})
+            settings = read_yaml(path) or {}
+        except OSError as exc:
+            raise UsageError(f"cannot read the plugin file {path}: {exc.strerror or exc}") from exc
+        except YamlFileError as exc:
+            raise UsageError(f"the plugin file {path}: {exc}") from exc
+        if not isinstance(settings, dict) or not isinstance(settings.get("plugin"), str):
+            raise UsageError(f"the plugin file {path} must have a 'plugin' key naming a plugin")
+        args = settings.get("plugin_args") or {}
+        if not isinstance(args, dict):
+            raise UsageError(f"the plugin file {path}: 'plugin_args' must be a mapping")
+        return settings["plugin"], dict(args)
     # With one node able to use every CPU, MultiProc only adds worker processes that each load
     # the models again; Linear keeps one process, so the loaded models serve every subject.
     if nprocs <= omp_nthreads:
