@@ -14,8 +14,10 @@ Format (HSF's, extended)::
     labels: {0: {name: background, abbreviation: BG}, ...}      # optional for hub files
     margins: {isotropic: [8, 8, 8], anisotropic: [16, 4, 16]}   # optional for hub files; see below
     models_path: ...                # HSF's key, accepted and ignored (see the models folder)
+    allow_http: false               # optional: accept plain http:// URLs to other hosts
     models:
-      <local file name>.onnx: {url: ..., xxh3_64: <16 lowercase hex>, size: <bytes or null>}
+      <local file name>.onnx: {url: ..., xxh3_64: <16 lowercase hex>, size: <bytes or null>,
+                               sha256: <64 lowercase hex, optional>}
     segmentation: {test_time_augmentation: true, test_time_num_aug: 20}
 
 What the pipeline does with them (none is ignored): ``contrasts`` are the contrasts the models
@@ -24,7 +26,10 @@ accept (T1w and/or T2w; an image of another contrast is skipped with a warning, 
 given (``anisotropic`` is ``[thin, thick, thin]`` as for HSF's coronal slices and is applied
 along whichever axis has the thick slices); ``labels`` must be HSF's six channels (the label
 table and volumes are fixed), so a different one is refused; ``engine`` is a hint shown by
-``hsf-bids-models``.
+``hsf-bids-models``. Downloads are held to the file's word (:mod:`hsf_bids.hub.download`):
+``size`` is a hard limit, ``sha256`` is verified as well as ``xxh3_64`` (XXH3-64 detects
+accidents, SHA-256 tampering), and a remote URL must be https unless ``allow_http`` is true
+(plain http to this machine's loopback is always accepted).
 
 Naming scheme of the shipped presets: the current models (4.0.0) have HSF's bare names
 (``bagging_accurate``, ``bagging_fast``, ``single_accurate``, ``single_fast``); presets of an
@@ -48,6 +53,7 @@ from typing import Any
 from urllib.parse import unquote, urlsplit
 
 from hsf_bids.errors import EX_DATAERR, EX_NOINPUT, EX_USAGE, HsfBidsError, brief
+from hsf_bids.hub.download import is_loopback
 from hsf_bids.hub.yamlfile import YamlFileError, read_yaml
 from hsf_bids.vocabulary import CA_MODES, CONTRASTS
 
@@ -72,6 +78,7 @@ __all__ = [
 DEFAULT_PRESET = "bagging_accurate"
 
 _CHECKSUM = re.compile(r"[0-9a-f]{16}")
+_SHA256 = re.compile(r"[0-9a-f]{64}")
 # A version or stem becomes a folder name: keep it to characters that are safe everywhere.
 _SAFE_FOLDER = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]*")
 _URL_SCHEMES = ("http", "https", "file")
@@ -92,9 +99,10 @@ _TOP_KEYS = {
     "models_path",
     "models",
     "segmentation",
+    "allow_http",
 }
 _PRESET_REQUIRED = ("name", "version", "description", "contrasts", "labels", "margins")
-_MODEL_KEYS = {"url", "xxh3_64", "size"}
+_MODEL_KEYS = {"url", "xxh3_64", "size", "sha256"}
 _SEGMENTATION_KEYS = {"test_time_augmentation", "test_time_num_aug"}
 
 
@@ -121,9 +129,10 @@ class ModelFile:
     """One model file of a preset.
 
     ``name`` is the local file name (no folders), ``url`` the address as written in the YAML,
-    ``xxh3_64`` its 16-hex-digit checksum, ``size`` its size in bytes when known. ``local_path`` is
-    set when the URL is a local file (relative path or ``file://``, hub files only): that file is
-    used in place, never copied into the models folder.
+    ``xxh3_64`` its 16-hex-digit checksum, ``size`` its size in bytes when known, ``sha256`` its
+    SHA-256 when the hub file gives one. ``local_path`` is set when the URL is a local file
+    (relative path or ``file://``, hub files only): that file is used in place, never copied into
+    the models folder.
     """
 
     name: str
@@ -131,6 +140,7 @@ class ModelFile:
     xxh3_64: str
     size: int | None = None
     local_path: Path | None = None
+    sha256: str | None = None
 
 
 @dataclass(frozen=True)
@@ -177,6 +187,7 @@ class Preset:
     ``models`` lists exactly the files that take part in the ensemble, in YAML order.
     ``subfolder`` is the folder under the models folder holding its downloaded files.
     ``source`` is the YAML it was read from; ``builtin`` tells a shipped preset from a hub file.
+    ``allow_http``: the file accepts plain http URLs to hosts other than the loopback.
     """
 
     name: str
@@ -193,6 +204,7 @@ class Preset:
     source: Path
     subfolder: str
     builtin: bool = field(default=True)
+    allow_http: bool = False
 
     @property
     def n_inputs_per_model(self) -> int:
@@ -339,7 +351,10 @@ def _parse(data: dict[str, Any], path: Path, *, builtin: bool) -> Preset:
             f"{_names(unsupported)}"
         )
 
-    models = _parse_models(data["models"], path, fail, builtin=builtin)
+    allow_http = data.get("allow_http", False)
+    if not isinstance(allow_http, bool):
+        raise fail(f"'allow_http' must be true or false, not {brief(allow_http)}")
+    models = _parse_models(data["models"], path, fail, builtin=builtin, allow_http=allow_http)
     tta, n_aug = _parse_segmentation(data["segmentation"], fail)
     labels = _parse_labels(data["labels"], fail) if "labels" in data else DEFAULT_LABELS
     margins = _parse_margins(data["margins"], fail) if "margins" in data else DEFAULT_MARGINS
@@ -366,6 +381,7 @@ def _parse(data: dict[str, Any], path: Path, *, builtin: bool) -> Preset:
         source=path,
         subfolder=subfolder,
         builtin=builtin,
+        allow_http=allow_http,
     )
 
 
@@ -395,8 +411,11 @@ def _check_file_name(name: Any, fail: Callable[[str], HubError]) -> str:
     return name
 
 
-def _resolve_url(url: str, path: Path, fail: Callable[[str], HubError]) -> Path | None:
-    """Local path of a hub URL, or None for http(s). Refuses other schemes."""
+def _resolve_url(
+    url: str, path: Path, fail: Callable[[str], HubError], *, allow_http: bool = False
+) -> Path | None:
+    """Local path of a hub URL, or None for http(s). Refuses other schemes, and plain http to a
+    host other than the loopback unless ``allow_http``."""
     parts = urlsplit(url)
     scheme = parts.scheme.lower()
     # A one-letter "scheme" is a Windows drive (C:\...), i.e. an absolute path.
@@ -409,6 +428,11 @@ def _resolve_url(url: str, path: Path, fail: Callable[[str], HubError]) -> Path 
         if scheme != "file":
             if not parts.netloc:
                 raise fail(f"URL {brief(url)} has no host")
+            if scheme == "http" and not allow_http and not is_loopback(parts.hostname):
+                raise fail(
+                    f"URL {brief(url)} uses plain http, which anyone on the network path can "
+                    "alter; use https, or set 'allow_http: true' in the hub file"
+                )
             return None
         # file:///abs/x.onnx is absolute; file:x.onnx and file://x.onnx are relative to the YAML.
         if parts.netloc in ("", "localhost"):
@@ -429,7 +453,7 @@ def _resolve_url(url: str, path: Path, fail: Callable[[str], HubError]) -> Path 
 
 
 def _parse_models(
-    raw: Any, path: Path, fail: Callable[[str], HubError], *, builtin: bool
+    raw: Any, path: Path, fail: Callable[[str], HubError], *, builtin: bool, allow_http: bool
 ) -> tuple[ModelFile, ...]:
     if not isinstance(raw, dict) or not raw:
         raise fail("'models' must be a non-empty mapping of file name -> {url, xxh3_64}")
@@ -457,10 +481,19 @@ def _parse_models(
             )
         if size is not None and (not isinstance(size, int) or isinstance(size, bool) or size < 0):
             raise fail(f"model {name}: 'size' must be a number of bytes or null, not {brief(size)}")
-        local = _resolve_url(url, path, fail)
+        sha256 = entry.get("sha256")
+        if sha256 is not None and (not isinstance(sha256, str) or not _SHA256.fullmatch(sha256)):
+            raise fail(
+                f"model {name}: sha256 {brief(sha256)} is not 64 lowercase hexadecimal characters"
+            )
+        local = _resolve_url(url, path, fail, allow_http=allow_http)
         if builtin and local is not None:
             raise fail(f"model {name}: shipped presets must use http(s) URLs, not {brief(url)}")
-        models.append(ModelFile(name=name, url=url, xxh3_64=checksum, size=size, local_path=local))
+        models.append(
+            ModelFile(
+                name=name, url=url, xxh3_64=checksum, size=size, local_path=local, sha256=sha256
+            )
+        )
     return tuple(models)
 
 
