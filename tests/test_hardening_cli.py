@@ -167,3 +167,73 @@ def test_shared_file_that_is_not_a_regular_file(tmp_path):
     (out / ".bidsignore").write_bytes(b"x" * (2 << 20))
     with pytest.raises(UnsafeOutputError, match="larger than"):
         write_bidsignore(out)
+
+
+# --- a model outside the HSF contract is refused before any registration (issue 15.9) -------
+
+
+def _four_channel_model(source: Path, target: Path) -> Path:
+    """``source`` with its output cut to 4 channels (and declared so)."""
+    import numpy as np
+    import onnx
+    from onnx import helper, numpy_helper
+
+    model = onnx.load(source)
+    graph = model.graph
+    output = graph.output[0].name
+    for node in graph.node:
+        node.output[:] = [f"{output}_all" if o == output else o for o in node.output]
+    for name, value in (("cut_starts", 0), ("cut_ends", 4), ("cut_axes", 1)):
+        graph.initializer.append(numpy_helper.from_array(np.array([value], np.int64), name))
+    graph.node.append(
+        helper.make_node("Slice", [f"{output}_all", "cut_starts", "cut_ends", "cut_axes"], [output])
+    )
+    graph.output[0].type.tensor_type.shape.dim[1].dim_value = 4
+    onnx.checker.check_model(model)
+    onnx.save(model, target)
+    return target
+
+
+def test_model_with_wrong_channels_refused_before_registration(
+    capsys, ds_mini, demo_models, templateflow_home, tmp_path
+):
+    """It was found only after the registration, under about 160 lines of Nipype traceback."""
+    from hsf_bids.hub import xxh3_64_file
+
+    model = _four_channel_model(demo_models[0], tmp_path / "four.onnx")
+    hub = tmp_path / "four.yaml"
+    hub.write_text(
+        f'ca_mode: "1/2/3"\nmodels:\n  four.onnx: {{url: four.onnx, xxh3_64: '
+        f'"{xxh3_64_file(model)}"}}\nsegmentation: {{test_time_augmentation: false, '
+        "test_time_num_aug: 0}\n"
+    )
+    work = tmp_path / "work"
+    code, err = run(
+        capsys, ds_mini, tmp_path / "out", *PARTICIPANT, "--hub", hub, "--engine", "onnxruntime",
+        "-w", work,
+    )  # fmt: skip
+    assert code == 65
+    assert (
+        f"{model}: the model's output has shape ['batch', 4, 'x', 'y', 'z']; HSF models output "
+        "[batch, 6, x, y, z]"
+    ) in err
+    assert len([line for line in err.splitlines() if "error:" in line]) == 1
+    assert "Traceback" not in err
+    assert not list(work.rglob("*localise*"))  # no node ran
+
+
+def test_model_contract_read_from_the_file(demo_models, demo_hub, tmp_path):
+    from hsf_bids.engines.contract import ModelContractError, check_model_contract
+
+    for model in demo_models:
+        check_model_contract(model)
+    four = _four_channel_model(demo_models[0], tmp_path / "four.onnx")
+    with pytest.raises(ModelContractError, match=r"has shape \['batch', 4") as info:
+        check_model_contract(four)
+    assert info.value.exit_code == 65
+    with pytest.raises(ModelContractError, match="not an ONNX model"):
+        check_model_contract(demo_hub)
+    truncated = tmp_path / "truncated.onnx"
+    truncated.write_bytes(demo_models[0].read_bytes()[:100_000])
+    with pytest.raises(ModelContractError, match="not an ONNX model"):
+        check_model_contract(truncated)

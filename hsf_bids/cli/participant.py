@@ -117,12 +117,16 @@ def _check_templates(jobs: list[SegmentationJob]) -> None:
 
 
 def _models(config: RunConfig):  # noqa: ANN202
-    """The preset and its verified local model files (downloaded unless --offline)."""
+    """The preset and its verified local model files (downloaded unless --offline), each
+    checked against the HSF contract before any image is registered."""
+    from hsf_bids.engines.contract import check_model_contract
     from hsf_bids.hub import ensure_models, resolve_models_dir, resolve_preset
 
     preset = resolve_preset(config.preset, config.hub)
     models_dir = resolve_models_dir(config.models_dir)
     paths = ensure_models(preset, models_dir, offline=config.offline)
+    for path in paths:
+        check_model_contract(path)
     return preset, paths
 
 
@@ -206,7 +210,7 @@ def run_participant(config: RunConfig) -> int:
     try:
         preset, model_paths = _models(config)
         phases.lap("models")
-    except (HubError, ModelsError, OSError) as exc:
+    except (HubError, ModelsError, EngineError, OSError) as exc:
         LOGGER.error("%s", exc)
         return ex.exit_code(exc)
     jobs = _accepted_jobs(jobs, preset)
