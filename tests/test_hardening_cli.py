@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import threading
@@ -237,3 +238,167 @@ def test_model_contract_read_from_the_file(demo_models, demo_hub, tmp_path):
     truncated.write_bytes(demo_models[0].read_bytes()[:100_000])
     with pytest.raises(ModelContractError, match="not an ONNX model"):
         check_model_contract(truncated)
+
+
+# --- unexpected errors: one line, the traceback in a crash file ----------------------------
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _crash_files(folder: Path) -> list[Path]:
+    return sorted(folder.rglob("crash-*-hsf-bids.txt"))
+
+
+def _broken_plugin(tmp_path: Path) -> Path:
+    """A plugin file Nipype accepts by name but fails on when the run starts (not a node's
+    failure, so no crash file of Nipype's)."""
+    plugin = tmp_path / "plugin.yml"
+    plugin.write_text("plugin: MultiProc\nplugin_args: {n_procs: many}\n")
+    return plugin
+
+
+def test_unexpected_error_goes_to_the_subjects_crash_file(
+    capsys, ds_mini, demo_hub, templateflow_home, tmp_path
+):
+    """An error the run did not expect: one line naming the crash file, the traceback in it,
+    where the group level finds it; before, the run said "finished sub-01" and exited 0 (a
+    plugin that failed to start) or printed a traceback."""
+    from hsf_bids.logs import crash_reason
+
+    out = tmp_path / "out"
+    code, err = run(
+        capsys, ds_mini, out, *PARTICIPANT, "--hub", demo_hub, "--engine", "onnxruntime",
+        "-w", tmp_path / "work", "--use-plugin", _broken_plugin(tmp_path),
+    )  # fmt: skip
+    assert code == 1
+    [crash] = _crash_files(out)
+    assert crash.parent.parent == out / "sub-01" / "log"
+    lines = [line for line in err.splitlines() if "error:" in line]
+    assert lines == [
+        "hsf-bids: error: unexpected error (TypeError: '<=' not supported between instances of "
+        f"'str' and 'int'); the traceback is in {crash}"
+    ]
+    assert "Traceback" not in err and "finished" not in err
+    assert "Traceback (most recent call last)" in crash.read_text()
+    assert crash_reason(crash).startswith("TypeError: '<=' not supported")
+
+
+def test_unexpected_io_error_without_a_subject_folder(
+    capsys, ds_mini, demo_hub, templateflow_home, tmp_path
+):
+    """``sub-01/log`` is a file: the subject's log folder cannot take the crash file, the output
+    folder's log does; an I/O error ends with 74."""
+    out = tmp_path / "out"
+    (out / "sub-01").mkdir(parents=True)
+    (out / "sub-01" / "log").write_text("not a folder")
+    code, err = run(
+        capsys, ds_mini, out, *PARTICIPANT, "--hub", demo_hub, "--engine", "onnxruntime",
+        "-w", tmp_path / "work",
+    )  # fmt: skip
+    assert code == 74
+    [crash] = _crash_files(out)
+    assert crash.parent.parent == out / "log"
+    assert f"(NotADirectoryError: [Errno 20] Not a directory: '{out / 'sub-01' / 'log'}/" in err
+    assert f"the traceback is in {crash}" in err and "Traceback" not in err
+
+
+def test_unknown_plugin_is_a_usage_error(capsys, ds_mini, tmp_path):
+    plugin = tmp_path / "plugin.yml"
+    plugin.write_text("plugin: NoSuchPlugin\n")
+    code, err = run(capsys, ds_mini, tmp_path / "out", "participant", "--use-plugin", plugin)
+    assert code == 64
+    assert f"the plugin file {plugin}: unknown Nipype plugin 'NoSuchPlugin'; choose one of" in err
+
+
+# --- every documented exit code is produced ------------------------------------------------
+
+
+def _documented_codes() -> set[int]:
+    """The codes errors.py declares; the README must list the same."""
+    import re
+
+    from hsf_bids import errors
+
+    declared = {getattr(errors, n) for n in errors.__all__ if n.startswith("EX_")}
+    readme = (REPO / "README.md").read_text()
+    paragraph = readme[readme.index("Exit codes (BIDS Apps execution spec):") :]
+    paragraph = paragraph[: paragraph.index("\n\n")]
+    listed = {int(n) for n in re.findall(r"(?:: |; )(\d+) ", paragraph)}
+    assert listed == declared, f"README lists {sorted(listed)}, errors.py {sorted(declared)}"
+    return declared
+
+
+def _interrupt(ds_mini, demo_hub, tmp_path) -> tuple[int, str]:
+    """Ctrl-C once the models are planned and the workflow starts."""
+    import signal
+
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "hsf_bids", str(ds_mini), str(tmp_path / "out"), *PARTICIPANT,
+         "--hub", str(demo_hub), "--engine", "onnxruntime", "-w", str(tmp_path / "work")],
+        stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True,
+    )  # fmt: skip
+    err = []
+    for line in proc.stderr:
+        err.append(line)
+        if "inference:" in line:
+            proc.send_signal(signal.SIGINT)
+            break
+    err.append(proc.stderr.read())
+    return proc.wait(timeout=120), "".join(err)
+
+
+def _scenario(code: int, capsys, ds_mini, demo_hub, tmp_path) -> tuple[int, str]:
+    out, hub = tmp_path / "out", ("--hub", demo_hub)
+    only = ("--participant-label", "01", "--skip-bids-validation")
+    if code == 0:
+        return run(capsys, ds_mini, out, "participant", "--list-participants")
+    if code == 1:
+        return run(
+            capsys, ds_mini, out, *PARTICIPANT, *hub, "--engine", "onnxruntime",
+            "--use-plugin", _broken_plugin(tmp_path), "-w", tmp_path / "work",
+        )  # fmt: skip
+    if code == 16:
+        dataset = tmp_path / "bids"
+        shutil.copytree(ds_mini, dataset)
+        (dataset / "sub-01" / "anat" / "sub-01_T1w.nii.gz").rename(
+            dataset / "sub-01" / "anat" / "sub-01_mprage.nii.gz"
+        )
+        return run(capsys, dataset, out, "participant", *hub, "--participant-label", "01")
+    if code == 17:
+        return run(capsys, ds_mini, out, "subject")
+    if code == 18:
+        return run(
+            capsys, ds_mini, out, "participant", *hub, "--participant-label", "99", *only[2:]
+        )
+    if code == 64:
+        return run(capsys, ds_mini, ds_mini, "participant")
+    if code == 65:
+        hub_file = tmp_path / "hub.yaml"
+        hub_file.write_text("ca_mode: [unknown]\n")
+        return run(capsys, ds_mini, out, "participant", "--hub", hub_file, *only)
+    if code == 66:
+        return run(capsys, tmp_path / "nothing", out, "participant")
+    if code == 73:
+        (tmp_path / "file").write_text("")
+        return run(capsys, ds_mini, tmp_path / "file" / "out", "participant")
+    if code == 74:
+        (out / "sub-01").mkdir(parents=True)
+        (out / "sub-01" / "log").write_text("")
+        return run(
+            capsys, ds_mini, out, *PARTICIPANT, *hub, "--engine", "onnxruntime",
+            "-w", tmp_path / "work",
+        )  # fmt: skip
+    if code == 130:
+        return _interrupt(ds_mini, demo_hub, tmp_path)
+    raise AssertionError(f"no scenario produces exit code {code}")
+
+
+@pytest.mark.parametrize("code", sorted(_documented_codes()))
+def test_every_documented_exit_code_is_produced(
+    code, capsys, ds_mini, demo_hub, templateflow_home, tmp_path
+):
+    got, err = _scenario(code, capsys, ds_mini, demo_hub, tmp_path)
+    assert got == code, err[-3000:]
+    assert "Traceback" not in err
+    if code:
+        assert len([line for line in err.splitlines() if "hsf-bids: error:" in line]) >= 1

@@ -315,12 +315,20 @@ def _run_workflow(
         phases.lap("workflow_build")
         try:
             wf.run(plugin=config.plugin, plugin_args=config.plugin_args)
-        except Exception as exc:  # noqa: BLE001 - node failures are reported from crash files
+        except Exception as exc:
+            failed = _failed_subjects(config, subjects)
+            if not failed:  # not a node's failure (those leave crash files): the run's own
+                raise
             LOGGER.debug("workflow ended with errors: %s", exc)
     finally:
         if loader is not None:
             loader.join()  # on every way out: never exit with a thread inside an engine
     phases.lap("workflow_run")
+    return _failed_subjects(config, subjects)
+
+
+def _failed_subjects(config: RunConfig, subjects: list[str]) -> dict[str, list[Path]]:
+    """The subjects whose nodes failed in this run, with their crash files."""
     failed = {}
     for subject in subjects:
         crashes = crash_files(config.subject_log_dir(subject))

@@ -141,10 +141,21 @@ def _plugin(path: Path | None, nprocs: int, omp_nthreads: int, mem_gb: float | N
             raise UsageError(f"the plugin file {path}: {exc}") from exc
         if not isinstance(settings, dict) or not isinstance(settings.get("plugin"), str):
             raise UsageError(f"the plugin file {path} must have a 'plugin' key naming a plugin")
+        from nipype.pipeline import plugins
+
+        name = settings["plugin"]
+        known = sorted(
+            n[: -len("Plugin")] for n in dir(plugins) if n.endswith("Plugin") and n[0].isupper()
+        )
+        if name not in known:
+            raise UsageError(
+                f"the plugin file {path}: unknown Nipype plugin {ex.brief(name)}; "
+                f"choose one of {', '.join(known)}"
+            )
         args = settings.get("plugin_args") or {}
         if not isinstance(args, dict):
             raise UsageError(f"the plugin file {path}: 'plugin_args' must be a mapping")
-        return settings["plugin"], dict(args)
+        return name, dict(args)
     # With one node able to use every CPU, MultiProc only adds worker processes that each load
     # the models again; Linear keeps one process, so the loaded models serve every subject.
     if nprocs <= omp_nthreads:
@@ -253,26 +264,53 @@ def list_participants(config: RunConfig) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of ``hsf-bids``; returns the exit code."""
+    """Entry point of ``hsf-bids``; returns the exit code.
+
+    An error the user can cause is one line on the console and its code; anything else is
+    unexpected: its traceback goes to a crash file (:mod:`hsf_bids.cli.crash`) and the console
+    gets one line naming it.
+    """
     setup_console(PROG)
     try:
         config = build_config(argv)
     except (ex.HsfBidsError, ValueError) as exc:  # ValueError: an option RunConfig refuses
         LOGGER.error("%s", exc)
         return ex.exit_code(exc, default=ex.EX_USAGE)
+    except KeyboardInterrupt:
+        LOGGER.error("interrupted")
+        return ex.EX_INTERRUPTED
+    except Exception as exc:  # noqa: BLE001 - reported with its crash file
+        return _unexpected(exc, None)
+    try:
+        return _run(config)
+    except ex.HsfBidsError as exc:
+        LOGGER.error("%s", exc)
+        return ex.exit_code(exc)
+    except KeyboardInterrupt:
+        LOGGER.error("interrupted")
+        return ex.EX_INTERRUPTED
+    except Exception as exc:  # noqa: BLE001 - reported with its crash file
+        return _unexpected(exc, config)
+
+
+def _unexpected(exc: Exception, config: RunConfig | None) -> int:
+    from hsf_bids.cli.crash import report_crash
+
+    LOGGER.error("%s", report_crash(exc, config, PROG))
+    return ex.exit_code(exc)
+
+
+def _run(config: RunConfig) -> int:
     setup_console(PROG, verbosity_level(config.verbosity))
     if config.list_participants:
         return list_participants(config)
     logging.getLogger("nipype.workflow").setLevel(
         logging.INFO if config.verbosity else logging.WARNING
     )
-    from hsf_bids.runtime import RuntimeEnvironmentError, prepare_runtime
+    from hsf_bids.runtime import prepare_runtime
 
-    try:  # before any library that writes to $HOME or phones home is imported
-        prepare_runtime(config.work_dir)
-    except RuntimeEnvironmentError as exc:
-        LOGGER.error("%s", exc)
-        return ex.exit_code(exc)
+    # before any library that writes to $HOME or phones home is imported
+    prepare_runtime(config.work_dir)
     if config.analysis_level == "group":
         from hsf_bids.cli.group import run_group
 
