@@ -336,6 +336,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         # engines, NNCF, images, hub files, downloads: one line, no traceback
         LOGGER.error("%s", _error_line(exc))
         return EX_CHECKSUM if isinstance(exc, ChecksumError) else ex.exit_code(exc)
+    except Exception as exc:  # noqa: BLE001 - unexpected: the traceback goes to a crash file
+        from hsf_bids.cli.crash import report_crash
+
+        LOGGER.error("%s", report_crash(exc, None, PROG))
+        return ex.exit_code(exc)
 
 
 if __name__ == "__main__":
