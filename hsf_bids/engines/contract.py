@@ -18,13 +18,23 @@ from hsf_bids.vocabulary import N_MODEL_CLASSES
 
 __all__ = ["ModelContractError", "check_model_contract", "declared_outputs"]
 
-# Field numbers of onnx.proto: ModelProto.graph, GraphProto.output.
-_MODEL_GRAPH, _GRAPH_OUTPUT = 7, 12
+# Field numbers of onnx.proto: ModelProto.graph, GraphProto.output, ValueInfoProto.type,
+# TypeProto.tensor_type, TypeProto.Tensor.shape, TensorShapeProto.dim, and a dimension's
+# dim_value (a varint) and dim_param (a string).
+_MODEL_GRAPH, _GRAPH_OUTPUT, _VALUE_TYPE, _TENSOR_TYPE, _TENSOR_SHAPE, _SHAPE_DIM = (
+    7,
+    12,
+    2,
+    1,
+    2,
+    1,
+)
+_DIM_VALUE, _DIM_PARAM = 1, 2
 
 
 class ModelContractError(ModelLoadError):
-    """A model file is not an HSF model (an invalid input file, 65): not ONNX, or not one input
-    and one output of :data:`~hsf_bids.vocabulary.N_MODEL_CLASSES` channels."""
+    """A model file is not an HSF model (an invalid input file, 65): not ONNX, or not one output
+    of :data:`~hsf_bids.vocabulary.N_MODEL_CLASSES` channels."""
 
     exit_code = EX_DATAERR
 
@@ -43,14 +53,15 @@ def _varint(buf: mmap.mmap | bytes, pos: int) -> tuple[int, int]:
 
 
 def _fields(buf: mmap.mmap | bytes, start: int, end: int) -> Iterator[tuple[int, int, int]]:
-    """``(field number, start, end)`` of each length-delimited field of one message; the others
-    are skipped."""
+    """``(field number, start, end)`` of each length-delimited field of one message, and
+    ``(field number, value, -1)`` of each varint; fixed-size fields are skipped."""
     pos = start
     while pos < end:
         key, pos = _varint(buf, pos)
         wire = key & 7
         if wire == 0:
-            _, pos = _varint(buf, pos)
+            value, pos = _varint(buf, pos)
+            yield key >> 3, value, -1
         elif wire == 1:
             pos += 8
         elif wire == 5:
@@ -67,28 +78,34 @@ def _fields(buf: mmap.mmap | bytes, start: int, end: int) -> Iterator[tuple[int,
         raise ValueError("message runs past its end")
 
 
+def _sub(buf: mmap.mmap | bytes, start: int, end: int, field: int) -> list[tuple[int, int]]:
+    return [(s, e) for f, s, e in _fields(buf, start, end) if f == field and e >= 0]
+
+
+def _dimension(buf: mmap.mmap | bytes, start: int, end: int) -> int | str | None:
+    for field, value, stop in _fields(buf, start, end):
+        if field == _DIM_VALUE and stop < 0:
+            return value
+        if field == _DIM_PARAM and stop >= 0:
+            return bytes(buf[value:stop]).decode("utf-8", "replace")
+    return None
+
+
 def declared_outputs(path: Path) -> list[list[int | str | None]]:
     """The output shapes the ONNX graph at ``path`` declares (a dimension is its size, its
     symbolic name, or None). Raises ValueError or OSError when the file is not an ONNX model."""
-    from onnx import ValueInfoProto
-
     with open(path, "rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as buf:
-        graphs = [(s, e) for f, s, e in _fields(buf, 0, len(buf)) if f == _MODEL_GRAPH]
+        graphs = _sub(buf, 0, len(buf), _MODEL_GRAPH)
         if len(graphs) != 1:
             raise ValueError("no graph")
         shapes = []
-        for field, start, end in _fields(buf, *graphs[0]):
-            if field == _GRAPH_OUTPUT:
-                info = ValueInfoProto.FromString(buf[start:end])
-                dims = info.type.tensor_type.shape.dim
-                shapes.append(
-                    [
-                        d.dim_value
-                        if d.HasField("dim_value")
-                        else (d.dim_param if d.HasField("dim_param") else None)
-                        for d in dims
-                    ]
-                )
+        for output in _sub(buf, *graphs[0], _GRAPH_OUTPUT):
+            dims: list[int | str | None] = []
+            for kind in _sub(buf, *output, _VALUE_TYPE):
+                for tensor in _sub(buf, *kind, _TENSOR_TYPE):
+                    for shape in _sub(buf, *tensor, _TENSOR_SHAPE):
+                        dims += [_dimension(buf, *d) for d in _sub(buf, *shape, _SHAPE_DIM)]
+            shapes.append(dims)
     return shapes
 
 
