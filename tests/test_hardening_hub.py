@@ -152,6 +152,21 @@ def test_every_message_quotes_a_huge_value_short(tmp_path, field, text):
     assert len(str(info.value)) < 600, str(info.value)[:1000]
 
 
+@pytest.mark.parametrize(
+    "value",
+    ["[" * 200_000 + "]" * 200_000, "{a: " * 100_000 + "}" * 100_000, "\n" + "- " * 400_000 + "x"],
+    ids=["flow sequences", "flow mappings", "block sequences"],
+)
+def test_a_deeply_nested_hub_file_is_refused_quickly(tmp_path, value):
+    """PyYAML took seconds to give up on thousands of nested flow collections."""
+    path = tmp_path / "hub.yaml"
+    path.write_text(f"ca_mode: {value}\n")
+    start = time.perf_counter()
+    with pytest.raises(HubError, match="hub.yaml: nested too deeply"):
+        load_hub(path)
+    assert time.perf_counter() - start < 2
+
+
 def test_an_oversized_hub_file_is_refused_unread(tmp_path):
     path = tmp_path / "hub.yaml"
     path.write_text(f'ca_mode: "1/2/3"\ndescription: "{"x" * (5 << 20)}"\n')

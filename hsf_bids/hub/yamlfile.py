@@ -9,6 +9,7 @@ is parsed.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,10 @@ __all__ = ["MAX_YAML_BYTES", "YamlFileError", "read_yaml"]
 
 # The shipped presets are 2-3 kB; a megabyte leaves room for any hand-written hub file.
 MAX_YAML_BYTES = 1 << 20
+# Hub files nest flow collections ([...], {...}) two or three deep; PyYAML takes seconds to give
+# up on thousands of levels, so they are counted first (quoted brackets count too: harmless).
+MAX_FLOW_NESTING = 64
+_NOT_BRACKETS = re.compile(r"[^\[\]{}]+")
 
 
 class YamlFileError(ValueError):
@@ -50,7 +55,8 @@ def read_yaml(path: Path | str, *, max_bytes: int = MAX_YAML_BYTES) -> Any:
     """The content of the YAML file ``path``.
 
     Raises :class:`OSError` when it cannot be read and :class:`YamlFileError` when it is larger
-    than ``max_bytes``, not UTF-8, not valid YAML or uses an alias.
+    than ``max_bytes``, not UTF-8, not valid YAML, nested beyond Python's recursion limit or
+    uses an alias.
     """
     with open(path, "rb") as fh:
         data = fh.read(max_bytes + 1)
@@ -62,7 +68,14 @@ def read_yaml(path: Path | str, *, max_bytes: int = MAX_YAML_BYTES) -> Any:
         text = data.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise YamlFileError(f"not a UTF-8 text file ({exc.reason} at byte {exc.start})") from exc
+    depth = 0
+    for bracket in _NOT_BRACKETS.sub("", text):
+        depth = depth + 1 if bracket in "[{" else max(depth - 1, 0)
+        if depth > MAX_FLOW_NESTING:
+            raise YamlFileError("nested too deeply to be a hub or plugin file")
     try:
         return yaml.load(text, Loader=_NoAliasLoader)  # noqa: S506 - a SafeLoader subclass
     except yaml.YAMLError as exc:
         raise YamlFileError(f"not valid YAML: {_one_line(exc)}") from exc
+    except RecursionError:
+        raise YamlFileError("nested too deeply to be a hub or plugin file") from None
