@@ -402,3 +402,16 @@ def test_every_documented_exit_code_is_produced(
     assert "Traceback" not in err
     if code:
         assert len([line for line in err.splitlines() if "hsf-bids: error:" in line]) >= 1
+
+
+def test_a_filter_pybids_refuses_is_a_usage_error(capsys, ds_mini, demo_hub, tmp_path):
+    """pybids' ValueError for an unknown entity ended in a traceback."""
+    filters = tmp_path / "filters.json"
+    filters.write_text('{"t1w": {"nonsense_entity": "x"}}')
+    code, err = run(
+        capsys, ds_mini, tmp_path / "out", "participant", "--hub", demo_hub,
+        "--skip-bids-validation", "--bids-filter-file", filters,
+    )  # fmt: skip
+    assert code == 64
+    assert "the BIDS filters cannot be applied: 'nonsense_entity' is not a recognized entity" in err
+    assert "Traceback" not in err and not _crash_files(tmp_path)

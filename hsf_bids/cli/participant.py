@@ -159,14 +159,25 @@ def _accepted_jobs(jobs: list[SegmentationJob], preset) -> list[SegmentationJob]
 
 def select_images(config: RunConfig) -> tuple[list[SegmentationJob], list[str]]:
     """The segmentations the run's selection asks for (labels, contrast, BIDS filters), and the
-    problems met; see :func:`hsf_bids.bids.collect_jobs`, whose errors it raises."""
-    return collect_jobs(
-        config.bids_dir,
-        participant_labels=config.participant_labels,
-        session_labels=config.session_labels,
-        contrast=config.contrast,
-        bids_filters=config.bids_filters,
-    )
+    problems met; see :func:`hsf_bids.bids.collect_jobs`, whose errors it raises (and pybids'
+    refusal of a filter, as a usage error)."""
+    try:
+        return collect_jobs(
+            config.bids_dir,
+            participant_labels=config.participant_labels,
+            session_labels=config.session_labels,
+            contrast=config.contrast,
+            bids_filters=config.bids_filters,
+        )
+    except BIDSQueryError:
+        raise
+    except ValueError as exc:
+        if not config.bids_filters:
+            raise
+        raise BIDSQueryError(
+            f"the BIDS filters cannot be applied: {ex.brief(str(exc), limit=300, quote=False)}",
+            exit_code=ex.EX_USAGE,
+        ) from exc
 
 
 def run_participant(config: RunConfig) -> int:
