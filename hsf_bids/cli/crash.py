@@ -1,12 +1,12 @@
 """An unexpected error at the top of a command: its traceback goes to a crash file, the console
 gets one line naming it.
 
-The crash file is a text file named ``crash-<time>-<prog>.txt``, like Nipype's crash files, in
-the log folder of the subject when the run is about one (``<output>/sub-XX/log/<run-id>/``, where
-the group level's failures table and the subject's report look), else in the output folder's
-``log/<run-id>/`` (hidden from the BIDS validator by ``.bidsignore``), else in the work folder's,
-else in the system's temporary folder. Its last line is the exception, which
-:func:`hsf_bids.logs.crash_reason` reads.
+The crash file is a text file named ``crash-<time>-<pid>-<prog>.txt``, like Nipype's crash
+files, in the log folder of the subject when a participant run is about one
+(``<output>/sub-XX/log/<run-id>/``, where the group level's failures table and the subject's
+report look), else in the output folder's ``log/<run-id>/`` (hidden from the BIDS validator by
+``.bidsignore``), else in the work folder's, else in the system's temporary folder. Its last line
+is the exception, which :func:`hsf_bids.logs.crash_reason` reads.
 """
 
 from __future__ import annotations
@@ -29,7 +29,8 @@ def crash_folders(config: RunConfig | None) -> list[Path]:
     """Where a crash file may go, best first."""
     folders = []
     if config is not None:
-        if len(config.participant_labels) == 1:
+        # Only a participant run's crash is the subject's failure (the group level lists it).
+        if config.analysis_level == "participant" and len(config.participant_labels) == 1:
             label = config.participant_labels[0].removeprefix("sub-")
             folders.append(config.subject_log_dir(label))
         folders += [
