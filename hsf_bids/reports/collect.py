@@ -9,6 +9,8 @@ files (each side's segmentation inside its recorded box, a non-empty hippocampus
 
 from __future__ import annotations
 
+import errno
+import io
 import json
 import os
 from dataclasses import dataclass, field
@@ -20,7 +22,13 @@ import pandas as pd
 
 from hsf_bids.localisation.qc import QcCheck
 from hsf_bids.logs import crash_files, crash_reason, latest_run_dir
-from hsf_bids.outputs.derivatives import Entities, lut_path, sidecar_path
+from hsf_bids.outputs.derivatives import (
+    Entities,
+    UnsafeOutputError,
+    lut_path,
+    read_output_text,
+    sidecar_path,
+)
 from hsf_bids.outputs.read import segmentations, subject_volumes_tables, uncertainty_of
 from hsf_bids.outputs.volumes import MIN_PLAUSIBLE_HC_MM3
 
@@ -125,8 +133,11 @@ class SubjectOutputs:
 
 def _read_json(path: Path) -> dict[str, Any]:
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
+        text = read_output_text(path)
+        if text is None:
+            raise FileNotFoundError(errno.ENOENT, "no such file", str(path))
+        data = json.loads(text)
+    except (OSError, ValueError, UnsafeOutputError) as exc:
         raise OutputsError(f"{path}: cannot be read as JSON ({exc})") from exc
     if not isinstance(data, dict):
         raise OutputsError(f"{path}: expected a JSON object")
@@ -137,8 +148,11 @@ def read_lut(output_dir: str | os.PathLike[str]) -> pd.DataFrame:
     """The top-level look-up table (``index``, ``name``, ``abbreviation``, ``color``)."""
     path = lut_path(output_dir)
     try:
-        lut = pd.read_csv(path, sep="\t", dtype={"index": int}, keep_default_na=False)
-    except (OSError, ValueError) as exc:
+        text = read_output_text(path)
+        if text is None:
+            raise FileNotFoundError(errno.ENOENT, "no such file", str(path))
+        lut = pd.read_csv(io.StringIO(text), sep="\t", dtype={"index": int}, keep_default_na=False)
+    except (OSError, ValueError, UnsafeOutputError) as exc:
         raise OutputsError(f"{path}: cannot read the look-up table ({exc})") from exc
     missing = {"index", "name", "abbreviation", "color"} - set(lut.columns)
     if missing:
