@@ -27,7 +27,7 @@ import numpy as np
 import pandas as pd
 
 from hsf_bids.engines.base import Network
-from hsf_bids.image import from_ras, load_anat, to_ras
+from hsf_bids.image import from_ras, load_anat, nonfinite_voxels, to_ras
 from hsf_bids.localisation import Box, crop, locate
 from hsf_bids.outputs.derivatives import write_json
 from hsf_bids.settings import SegmentationSettings
@@ -240,13 +240,17 @@ def write_derivatives(
     settings: SegmentationSettings,
     out_dir: str | os.PathLike[str],
     predictions: Mapping[str, str | os.PathLike[str]] | None = None,
+    secondary_file: str | os.PathLike[str] | None = None,
 ) -> tuple[dict[str, Path], Path]:
     """Write the image's derivatives (atomically) and its rows of the volumes table.
 
     ``contrast`` is what the volumes table calls the input (``T1w``, ``T2w`` or ``T1w+T2w``);
     ``settings`` gives the ``ca_mode`` and the provenance block of the sidecars;
     ``predictions``: side -> the :data:`PREDICTIONS_JSON` of :func:`segment_side`, for the
-    volumes' ensemble spread (without them the spread columns are ``n/a``).
+    volumes' ensemble spread (without them the spread columns are ``n/a``);
+    ``secondary_file`` is the second contrast fused in, if any. The sidecars' ``Provenance.QC``
+    and the table's ``qc_flags`` say what is wrong with the results (NaN input voxels, an empty
+    or implausibly small hippocampus).
 
     Returns the written derivative paths and a TSV of this image's volume rows in ``out_dir``
     (the session's table is assembled by :func:`write_volumes_table`).
@@ -275,15 +279,26 @@ def write_derivatives(
         if len(named) != len(settings.models) or not all(named):
             named = [Path(m.path).name for m in settings.models]
         per_model = model_volumes(counts, settings.ca_mode, voxel_volume_mm3(source.affine), named)
-    written = write_segmentation(
-        output_dir, entities, labels, uncertainty, source, sources=sources, provenance=record,
-        model_volumes=per_model,
-    )  # fmt: skip
+    # NaN voxels were segmented as background (load_anat): counted again here, from every
+    # input, so that the tables and the sidecar flag the image.
+    nonfinite = sum(
+        nonfinite_voxels(load_anat(f)) for f in (source_file, secondary_file) if f is not None
+    )
     icv = estimate_icv_mm3(np.asarray(loc["template_to_subject"]))
     table = compute_volumes(
         labels, uncertainty, source.affine, settings.ca_mode, entities=entities,
         contrast=contrast, icv_mm3=icv, localisation_ok=bool(loc["localisation_ok"]),
         predictions=counts or None,
+        nonfinite_voxels=nonfinite,
+    )  # fmt: skip
+    flags = table["qc_flags"].iloc[0]
+    record["QC"] = {
+        "nonfinite_voxels": nonfinite,
+        "qc_flags": flags.split("; ") if isinstance(flags, str) else [],
+    }
+    written = write_segmentation(
+        output_dir, entities, labels, uncertainty, source, sources=sources, provenance=record,
+        model_volumes=per_model,
     )  # fmt: skip
     part = Path(out_dir) / "volumes_part.tsv"
     table.to_csv(part, sep="\t", index=False, na_rep="n/a")

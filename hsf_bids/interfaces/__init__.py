@@ -16,6 +16,7 @@ from nipype.interfaces.base import (
     File,
     SimpleInterface,
     TraitedSpec,
+    isdefined,
     traits,
 )
 
@@ -161,6 +162,7 @@ class _DerivativesInput(BaseInterfaceInputSpec):
     left_predictions = File(exists=True, mandatory=True, desc="SegmentSide's label counts")
     source_file = File(exists=True, mandatory=True, desc="the input image (names the outputs)")
     sources = traits.List(traits.Str, mandatory=True, desc="BIDS URIs of every input image")
+    secondary_file = File(exists=True, desc="the second contrast fused in, if any")
     output_dir = traits.Str(mandatory=True)
     contrast = traits.Str(mandatory=True, desc="T1w, T2w or T1w+T2w")
     settings = _settings_input()
@@ -190,6 +192,7 @@ class WriteDerivatives(_StageInterface):
             settings=_settings(i),
             out_dir=cwd,
             predictions={"right": i.right_predictions, "left": i.left_predictions},
+            secondary_file=i.secondary_file if isdefined(i.secondary_file) else None,
         )
         return {
             "out_dseg": written["dseg"],

@@ -42,10 +42,14 @@ from hsf_bids.vocabulary import (
 __all__ = [
     "COLUMNS",
     "MIN_PLAUSIBLE_HC_MM3",
+    "NONFINITE_INPUT",
+    "QC_FLAGS",
     "TEMPLATE_BRAIN_MM3",
     "WHOLE_HIPPOCAMPUS",
     "LabelsError",
     "compute_volumes",
+    "describe_qc_flags",
+    "read_qc_flags",
     "estimate_icv_mm3",
     "template_brain_volume_mm3",
     "voxel_volume_mm3",
@@ -87,11 +91,28 @@ COLUMNS: tuple[str, ...] = (
     "mean_uncertainty",
     "icv_mm3",
     "localisation_ok",
+    "qc_flags",
 )
 
 #: The columns :func:`spread` fills, in table order.
 SPREAD_COLUMNS: tuple[str, ...] = ("volume_sd_mm3", "volume_p05_mm3", "volume_p95_mm3")
 SPREAD_PERCENTILES = (5.0, 95.0)
+
+# What the participant level found wrong with an image's results, for the ``qc_flags`` column
+# ("; "-separated; n/a when none): a fixed vocabulary, so tables can be filtered.
+NONFINITE_INPUT = "nonfinite_input"
+QC_FLAGS: dict[str, str] = {
+    NONFINITE_INPUT: "the input had NaN or infinite voxels, segmented as background (the "
+    "sidecar's Provenance.QC.nonfinite_voxels says how many)",
+    **{
+        f"{side}_HC_{kind}": f"the {side} whole hippocampus {what}"
+        for side in SIDES_BY_INDEX
+        for kind, what in (
+            ("empty", "has no voxel (nothing was segmented)"),
+            ("small", f"is under {MIN_PLAUSIBLE_HC_MM3:g} mm^3 (implausibly small)"),
+        )
+    },
+}
 
 _R_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_]*$")
 
@@ -225,6 +246,7 @@ def compute_volumes(
     icv_mm3: float | None = None,
     localisation_ok: bool | None = None,
     predictions: Mapping[str, np.ndarray] | None = None,
+    nonfinite_voxels: int = 0,
 ) -> pd.DataFrame:
     """Volumes of every side and structure of ``ca_mode`` in a bilateral segmentation.
 
@@ -235,7 +257,13 @@ def compute_volumes(
     ``icv_mm3``: :func:`estimate_icv_mm3` of the run, or None; ``localisation_ok``: the
     localisation QC verdict of the image, or None; ``predictions``: side -> the label counts of
     every prediction of the ensemble on that side (``[..., labels]``, background first; see
-    ``CropSegmentation.prediction_counts``), on a grid of the same voxel volume, or None.
+    ``CropSegmentation.prediction_counts``), on a grid of the same voxel volume, or None;
+    ``nonfinite_voxels``: how many input voxels were NaN or infinite
+    (:func:`hsf_bids.image.nonfinite_voxels`).
+
+    ``qc_flags`` (the same on every row) names what is wrong with the image's results, from
+    :data:`QC_FLAGS`: NaN input voxels, and each side's whole hippocampus empty or under
+    :data:`MIN_PLAUSIBLE_HC_MM3`.
 
     Returns a DataFrame with :data:`COLUMNS`: per side one row per structure (zero-volume ones
     included) then a whole-hippocampus row (``structure`` ``HC``, ``label`` missing) unless the
@@ -310,15 +338,21 @@ def compute_volumes(
         }
 
     rows = []
+    flags = [NONFINITE_INPUT] if nonfinite_voxels else []
     for side in SIDES_BY_INDEX:
         indices = [bilateral_index(side, s.label) for s in structs]
         for s, index in zip(structs, indices, strict=True):
             rows.append(row(side, s.abbreviation, index, int(counts[index]), float(sums[index])))
+        n = int(counts[indices].sum())
         if len(structs) > 1:
-            n = int(counts[indices].sum())
             rows.append(row(side, WHOLE_HIPPOCAMPUS, None, n, float(sums[indices].sum())))
+        if n == 0:
+            flags.append(f"{side}_HC_empty")
+        elif n * voxel_volume < MIN_PLAUSIBLE_HC_MM3:
+            flags.append(f"{side}_HC_small")
 
     df = pd.DataFrame(rows, columns=list(COLUMNS))
+    df["qc_flags"] = "; ".join(flags) or None
     df["label"] = df["label"].astype("Int64")
     df["n_predictions"] = df["n_predictions"].astype("Int64")
     # Rounded far below any anatomical precision, so tables stay readable and diffs stable.
@@ -431,7 +465,31 @@ def volumes_sidecar() -> dict[str, dict[str, object]]:
             ),
             "Levels": {"True": "passed", "False": "doubtful"},
         },
+        "qc_flags": {
+            "Description": (
+                "What the participant level found wrong with this image's results, "
+                "'; '-separated (the same on every row of the image); n/a when nothing"
+            ),
+            "Levels": dict(QC_FLAGS),
+        },
     }
+
+
+def describe_qc_flags(flags: str | None, nonfinite_voxels: int | None = None) -> str:
+    """The ``qc_flags`` of an image in words, e.g. ``"left hippocampus empty, 1200 NaN or
+    infinite input voxels"``; "" when there are none. Unknown names are kept as they are."""
+    words = []
+    for flag in [f for f in (flags or "").split("; ") if f]:
+        if flag == NONFINITE_INPUT:
+            count = f"{nonfinite_voxels} " if nonfinite_voxels else ""
+            words.append(f"{count}NaN or infinite input voxels treated as background")
+        elif flag.endswith(("_HC_empty", "_HC_small")):
+            side, _, kind = flag.split("_")
+            what = "empty" if kind == "empty" else f"under {MIN_PLAUSIBLE_HC_MM3:g} mm3"
+            words.append(f"{side} hippocampus {what}")
+        else:
+            words.append(flag)
+    return ", ".join(words)
 
 
 def write_volumes(
@@ -457,3 +515,31 @@ def write_volumes(
     write_json({c: known[c] for c in df.columns}, sidecar_path(path))
     write_tsv(df, path)
     return path
+
+
+def read_qc_flags(
+    output_dir: str | PathLike[str], subjects: Sequence[str]
+) -> dict[str, tuple[str, int | None]]:
+    """The images of ``subjects`` whose volumes tables hold ``qc_flags``: source name ->
+    (flags, NaN voxel count from the segmentation's sidecar, None when unknown). A table or
+    sidecar that cannot be read is passed over (the reports and the group level say so)."""
+    from hsf_bids.outputs.read import read_sidecar, sidecar_of_source, volumes_tables
+
+    found: dict[str, tuple[str, int | None]] = {}
+    for path in volumes_tables(output_dir, subjects):
+        try:
+            table = pd.read_csv(path, sep="\t", dtype=str, keep_default_na=False)
+        except (OSError, ValueError):
+            continue
+        if "qc_flags" not in table.columns or "source" not in table.columns:
+            continue
+        for source, flags in zip(table["source"], table["qc_flags"], strict=True):
+            if flags in ("", "n/a") or source in found:
+                continue
+            try:
+                qc = read_sidecar(sidecar_of_source(output_dir, source))["Provenance"]["QC"]
+                count = int(qc["nonfinite_voxels"])
+            except (OSError, ValueError, KeyError, TypeError):
+                count = None
+            found[source] = (flags, count)
+    return found

@@ -122,6 +122,8 @@ def init_image_wf(
         (derivatives, outputnode, [("out_dseg", "dseg"), ("out_uncertainty", "uncertainty"),
                                    ("volumes_part", "volumes_part")]),
     ])  # fmt: skip
+    if multispectral:  # its NaN voxels are counted in the image's QC flags
+        wf.connect(inputnode, "secondary_file", derivatives, "secondary_file")
     return wf
 
 
