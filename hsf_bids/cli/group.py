@@ -71,6 +71,23 @@ _FLAG_DESCRIPTIONS = {
         "Description": "True when the input image had NaN or infinite voxels, segmented as "
         "background (qc_flags holds nonfinite_input)"
     },
+    "relative_spread": {
+        "Description": "volume_sd_mm3 / volume_mm3: the ensemble's disagreement on this "
+        "structure's volume relative to its size; n/a with a single prediction or no volume"
+    },
+    "spread_z": {"Description": "Robust z-score of relative_spread, as volume_z"},
+    "flag_spread": {
+        "Description": "True for a whole hippocampus (HC) whose spread_z > 3.5: the ensemble's "
+        "models and augmented copies disagree on this image far more than on the group's "
+        "(an unusual or degraded image); weigh it down or exclude it"
+    },
+}
+
+# Wide spread column suffix -> (what it is, its column in the participant table).
+_WIDE_SPREAD_WORDS = {
+    "sd": ("Ensemble standard deviation of the volume", "volume_sd_mm3"),
+    "p05": ("Ensemble 5th percentile of the volume", "volume_p05_mm3"),
+    "p95": ("Ensemble 95th percentile of the volume", "volume_p95_mm3"),
 }
 
 LOGGER = logging.getLogger(__name__)
@@ -82,10 +99,12 @@ def _wide_dictionary(wide: pd.DataFrame, known: dict) -> dict[str, dict[str, obj
         if column in known:
             described[column] = known[column]
         elif column.endswith("_mm3"):
-            side, structure = column.removesuffix("_mm3").split("_", 1)
+            side, structure, *stat = column.removesuffix("_mm3").split("_")
             what = "whole hippocampus" if structure == "HC" else structure
+            quantity, source = _WIDE_SPREAD_WORDS[stat[0]] if stat else ("Volume", "volume_mm3")
             described[column] = {
-                "Description": f"Volume of the {side} {what} (volume_mm3 of the participant table)",
+                "Description": f"{quantity} of the {side} {what} ({source} of the participant "
+                "table)",
                 "Units": "mm^3",
             }
     described["flags"] = {"Description": "The image's quality flags, '; '-separated; empty if none"}

@@ -24,8 +24,8 @@ import pandas as pd
 from hsf_bids.errors import EX_DATAERR, EX_NOINPUT, HsfBidsError
 from hsf_bids.logs import crash_files, crash_reason, latest_run_dir
 from hsf_bids.outputs.read import has_volumes, read_sidecar, sidecar_of_source, volumes_tables
-from hsf_bids.outputs.volumes import MIN_PLAUSIBLE_HC_MM3, NONFINITE_INPUT
-from hsf_bids.vocabulary import SIDES
+from hsf_bids.outputs.volumes import MIN_PLAUSIBLE_HC_MM3, NONFINITE_INPUT, SPREAD_COLUMNS
+from hsf_bids.vocabulary import SIDES, WHOLE_HIPPOCAMPUS
 
 LOGGER = logging.getLogger(__name__)
 
@@ -41,7 +41,10 @@ _TEXT_COLUMNS = (*IMAGE_KEYS, "side", "structure")
 STATUS_COLUMNS = ["participant_id", "status", "run_id", "reason", "crash_file"]
 FLAG_COLUMNS = (
     "flag_localisation", "flag_uncertainty", "flag_volume", "flag_asymmetry", "flag_input",
+    "flag_spread",
 )  # fmt: skip
+# The wide table's suffix for each spread column of the long one (left_HC_sd_mm3, ...).
+WIDE_SPREAD = {"volume_sd_mm3": "sd", "volume_p05_mm3": "p05", "volume_p95_mm3": "p95"}
 
 
 class GroupInputError(HsfBidsError, ValueError):
@@ -95,6 +98,14 @@ class VolumesRead(NamedTuple):
 REQUIRED_COLUMNS = (*_TEXT_COLUMNS, "label", "n_voxels", "volume_mm3", "mean_uncertainty",
                     "icv_mm3", "localisation_ok")  # fmt: skip
 _NUMBERS = ("label", "n_voxels", "volume_mm3", "mean_uncertainty", "icv_mm3")
+# Numbers that tables of older versions lack (the ensemble spread).
+_OPTIONAL_NUMBERS = (*SPREAD_COLUMNS, "n_predictions")
+
+
+def _numbers(frame: pd.DataFrame) -> list[str]:
+    return [*_NUMBERS, *(c for c in _OPTIONAL_NUMBERS if c in frame.columns)]
+
+
 _NOT_MISSING = ("source", "side", "structure", "n_voxels", "volume_mm3")
 _BOOLEANS = {"True": True, "False": False, "true": True, "false": False}
 
@@ -123,7 +134,7 @@ def _check_table(frame: pd.DataFrame, subject: str) -> str | None:
         empty = frame[column].isna()
         if empty.any():
             return f"column {column}: no value on {where(empty)}"
-    for column in _NUMBERS:
+    for column in _numbers(frame):
         values = pd.to_numeric(frame[column], errors="coerce")
         bad = values.isna() & frame[column].notna()
         if bad.any():
@@ -168,7 +179,7 @@ def read_volumes_table(path: Path, output_dir: Path) -> pd.DataFrame:
     problem = _check_table(frame, subject)
     if problem:
         raise VolumesTableError(f"{name}: {problem}")
-    for column in _NUMBERS:
+    for column in _numbers(frame):
         frame[column] = pd.to_numeric(frame[column])
     frame["label"] = frame["label"].astype("Int64")
     frame["n_voxels"] = frame["n_voxels"].astype("int64")
@@ -240,9 +251,15 @@ def add_flags(long: pd.DataFrame) -> pd.DataFrame:
     uncertainty far above the group (robust z > 3.5); ``flag_volume``: volume far from the group
     (|robust z| > 3.5), or a whole hippocampus under :data:`MIN_PLAUSIBLE_HC_MM3` (checked
     whatever the group size); ``flag_asymmetry``: left/right asymmetry index far from the group;
-    ``flag_input``: the input image had NaN or infinite voxels (its ``qc_flags``).
+    ``flag_input``: the input image had NaN or infinite voxels (its ``qc_flags``);
+    ``flag_spread``: a whole hippocampus whose relative ensemble spread (``volume_sd_mm3 /
+    volume_mm3``) is far above the group's (robust z > 3.5): the models disagree on this image.
+    Tables without the spread columns (older outputs) get no spread flag.
     """
     out = _filled(long)
+    for column in (*SPREAD_COLUMNS, "n_predictions"):
+        if column not in out.columns:
+            out[column] = np.nan
     by = ["contrast", "side", "structure"]
     out["volume_z"] = out.groupby(by, dropna=False)["volume_mm3"].transform(robust_z)
     out["uncertainty_z"] = out.groupby(by, dropna=False)["mean_uncertainty"].transform(robust_z)
@@ -251,6 +268,9 @@ def add_flags(long: pd.DataFrame) -> pd.DataFrame:
     index = ((sides["left"] - sides["right"]) / mean.where(mean > 0)).rename("asymmetry_index")
     out = out.merge(index.reset_index(), on=[*IMAGE_KEYS, "structure"], how="left")
     out["asymmetry_z"] = out.groupby(by, dropna=False)["asymmetry_index"].transform(robust_z)
+    volume = out["volume_mm3"].astype(float)
+    out["relative_spread"] = out["volume_sd_mm3"].astype(float) / volume.where(volume > 0)
+    out["spread_z"] = out.groupby(by, dropna=False)["relative_spread"].transform(robust_z)
     out["flag_localisation"] = ~out["localisation_ok"].fillna(False).astype(bool)
     out["flag_uncertainty"] = out["uncertainty_z"] > ROBUST_Z_LIMIT
     implausible = (out["structure"] == "HC") & (out["volume_mm3"] < MIN_PLAUSIBLE_HC_MM3)
@@ -258,29 +278,41 @@ def add_flags(long: pd.DataFrame) -> pd.DataFrame:
     out["flag_asymmetry"] = out["asymmetry_z"].abs() > ROBUST_Z_LIMIT
     qc_flags = out.get("qc_flags", pd.Series(pd.NA, index=out.index)).astype("string")
     out["flag_input"] = qc_flags.str.contains(NONFINITE_INPUT, regex=False).fillna(False)
-    for column in ("volume_z", "uncertainty_z", "asymmetry_index", "asymmetry_z"):
+    whole = out["structure"] == WHOLE_HIPPOCAMPUS
+    out["flag_spread"] = whole & (out["spread_z"] > ROBUST_Z_LIMIT)
+    for column in ("volume_z", "uncertainty_z", "asymmetry_index", "asymmetry_z",
+                   "relative_spread", "spread_z"):  # fmt: skip
         out[column] = out[column].astype(float).round(4)
     return _unfilled(out)
 
 
 def wide_table(long: pd.DataFrame) -> pd.DataFrame:
     """One row per image: ``<side>_<structure>_mm3`` for every side and structure (whole
-    hippocampus ``HC`` included), ``icv_mm3``, ``localisation_ok``, ``qc_flags`` and the row's
-    flags."""
+    hippocampus ``HC`` included), each followed by its ensemble spread
+    (``<side>_<structure>_sd_mm3``, ``_p05_mm3``, ``_p95_mm3``) when the long table has it,
+    ``n_predictions``, ``icv_mm3``, ``localisation_ok``, ``qc_flags`` and the row's flags."""
     keys = list(IMAGE_KEYS)
     long = _filled(long)
-    volumes = long.pivot_table(
-        index=keys, columns=["side", "structure"], values="volume_mm3", sort=False
-    )
-    volumes.columns = [f"{side}_{r_name(structure)}_mm3" for side, structure in volumes.columns]
-    order = sorted(volumes.columns, key=lambda c: (not c.startswith("left"), c.endswith("HC_mm3")))
-    volumes = volumes[order]
+    stats = {"volume_mm3": ""} | {c: f"_{s}" for c, s in WIDE_SPREAD.items() if c in long}
+    # groupby-unstack, not pivot_table: a spread column that is n/a everywhere (one prediction)
+    # stays; a repeated row is averaged, as pivot_table did.
+    cells = long.astype({c: float for c in stats}).groupby([*keys, "side", "structure"], sort=False)
+    volumes = cells[list(stats)].mean().unstack(["side", "structure"])
+    pairs = list(dict.fromkeys(zip(long["side"], long["structure"], strict=True)))
+    pairs.sort(key=lambda c: (c[0] != "left", c[1] == WHOLE_HIPPOCAMPUS))
+    volumes = volumes[[(stat, side, structure) for side, structure in pairs for stat in stats]]
+    volumes.columns = [
+        f"{side}_{r_name(structure)}{stats[stat]}_mm3" for stat, side, structure in volumes.columns
+    ]
     if "qc_flags" not in long.columns:
         long = long.assign(qc_flags=pd.Series(pd.NA, index=long.index, dtype="string"))
-    per_image = long.groupby(keys, dropna=False, sort=False).agg(
-        icv_mm3=("icv_mm3", "first"), localisation_ok=("localisation_ok", "first"),
-        qc_flags=("qc_flags", "first"),
-    )  # fmt: skip
+    aggregates = {
+        "icv_mm3": ("icv_mm3", "first"), "localisation_ok": ("localisation_ok", "first"),
+        "qc_flags": ("qc_flags", "first"),
+    }  # fmt: skip
+    if "n_predictions" in long:
+        aggregates = {"n_predictions": ("n_predictions", "max"), **aggregates}
+    per_image = long.groupby(keys, dropna=False, sort=False).agg(**aggregates)
     flagged = long[list(FLAG_COLUMNS)].any(axis=1)
     reasons = (
         long[flagged]
@@ -311,6 +343,8 @@ def _row_flags(row: pd.Series) -> list[str]:
         found.append(f"{row['structure']} asymmetry outlier")
     if row.get("flag_input", False):
         found.append("NaN or infinite input voxels")
+    if row["flag_spread"]:
+        found.append(f"{where} ensemble spread high")
     return found
 
 

@@ -653,6 +653,7 @@ def dseg_sidecar(
     sources: Sequence[str],
     provenance: Mapping[str, Any],
     spatial_reference: str | None = None,
+    model_volumes: Sequence[Mapping[str, Any]] | None = None,
 ) -> dict[str, Any]:
     """JSON sidecar of a bilateral ``desc-subfields_dseg``.
 
@@ -660,11 +661,12 @@ def dseg_sidecar(
     the first being the image whose grid the segmentation is on; ``spatial_reference`` defaults to
     it. ``provenance`` is a plain mapping (preset name and version, ca_mode, model files with
     their XXH3-64, engine, precision, device, seed, fusion, test-time augmentation, margins and
-    boxes) stored as is under ``"Provenance"``.
+    boxes) stored as is under ``"Provenance"``. ``model_volumes``: each model's own volumes
+    (:func:`hsf_bids.outputs.volumes.model_volumes`), stored under ``"EnsembleVolumes"``.
     """
     if not sources:
         raise ValueError("a derivative needs at least one source")
-    return {
+    sidecar = {
         "Description": (
             "Bilateral hippocampal subfield segmentation (Hippocampal Segmentation Factory models) "
             "on the grid of the source image. Left structures keep the model label, right ones "
@@ -674,6 +676,20 @@ def dseg_sidecar(
         "SpatialReference": spatial_reference or sources[0],
         "Provenance": dict(provenance),
     }
+    if model_volumes is not None:
+        sidecar["EnsembleVolumes"] = {
+            "Description": (
+                "Each model's own volumes (mm^3) per side and structure (HC: whole hippocampus): "
+                "MeanVolume and SDVolume (n - 1 denominator; null for one prediction) over that "
+                "model's NumPredictions predictions per side (the original image and its "
+                "test-time augmented copies), each prediction's argmax voxels counted after "
+                "mapping back and ca_mode merging. A model far from the others disagrees with "
+                "the ensemble; the volumes table's spread columns pool every model."
+            ),
+            "Units": "mm^3",
+            "Models": [dict(m) for m in model_volumes],
+        }
+    return sidecar
 
 
 def uncertainty_sidecar(
@@ -708,11 +724,13 @@ def write_segmentation(
     *,
     sources: Sequence[str],
     provenance: Mapping[str, Any],
+    model_volumes: Sequence[Mapping[str, Any]] | None = None,
 ) -> dict[str, Path]:
     """Write the bilateral dseg and the uncertainty map of one image, with their sidecars.
 
     ``labels`` (bilateral indices, integers) and ``uncertainty`` are arrays on the grid of
-    ``reference`` (the source image, in its own voxel order). Returns the written paths under
+    ``reference`` (the source image, in its own voxel order); ``model_volumes`` goes into the
+    dseg sidecar (see :func:`dseg_sidecar`). Returns the written paths under
     the keys ``dseg``, ``dseg_json``, ``uncertainty``, ``uncertainty_json``.
     """
     if not np.issubdtype(labels.dtype, np.integer):
@@ -724,7 +742,8 @@ def write_segmentation(
     # Sidecars first: an image under its final name then always has its sidecar.
     written = {
         "dseg_json": write_json(
-            dseg_sidecar(sources=sources, provenance=provenance), sidecar_path(dseg)
+            dseg_sidecar(sources=sources, provenance=provenance, model_volumes=model_volumes),
+            sidecar_path(dseg),
         ),
         "uncertainty_json": write_json(
             uncertainty_sidecar(sources=sources, provenance=provenance), sidecar_path(unc)

@@ -39,6 +39,7 @@ __all__ = [
     "OutputsError",
     "SubjectOutputs",
     "collect_subject",
+    "outside_range",
     "read_crash",
     "read_lut",
     "resolve_source",
@@ -251,6 +252,47 @@ def _volume_flags(rows: list[dict[str, str]]) -> list[Flag]:
     return flags
 
 
+def _number(row: dict[str, str], column: str) -> float | None:
+    try:
+        value = float(row.get(column, "n/a"))
+    except ValueError:
+        return None
+    return value if value == value else None
+
+
+def outside_range(rows: list[dict[str, str]]) -> dict[tuple[str, str], Flag]:
+    """The rows whose volume (the vote's) lies outside the 5-95 % range of the ensemble's
+    predictions, by ``(side, structure)``, each with a note that says why that can happen."""
+    found = {}
+    for row in rows:
+        volume, low, high = (_number(row, c) for c in ("volume_mm3", "volume_p05_mm3",
+                                                        "volume_p95_mm3"))  # fmt: skip
+        if volume is None or low is None or high is None or low <= volume <= high:
+            continue
+        side, structure = row.get("side", "?"), row.get("structure", "?")
+        where = (
+            f"{side} {structure}: the vote's volume ({volume:g} mm3) is "
+            f"{'below' if volume < low else 'above'} the ensemble's 5-95 % range "
+            f"({low:g}-{high:g} mm3 over {row.get('n_predictions', '?')} predictions)"
+        )
+        if volume < low:
+            why = (
+                "the vote is taken voxel by voxel, not over volumes: where the predictions "
+                "place this structure in different voxels, each such voxel goes to the label "
+                "most of them give it, so the structure keeps only the voxels most predictions "
+                "agree on and ends up smaller than most single predictions"
+            )
+        else:
+            why = (
+                "the vote is taken voxel by voxel, not over volumes: where the predictions "
+                "split a voxel among several labels, this structure can win it without a "
+                "majority (ties go to the lower label), gaining voxels that most single "
+                "predictions give to other labels"
+            )
+        found[(side, structure)] = Flag("info", f"{where}; {why}.")
+    return found
+
+
 def collect_subject(
     output_dir: str | os.PathLike[str],
     subject: str,
@@ -307,6 +349,7 @@ def collect_subject(
                 f"{nonfinite} voxels of the input were NaN or infinite and were segmented as "
                 "background: the volumes may be wrong",
             ))  # fmt: skip
+        image.flags += list(outside_range(image.volumes).values())
         if image.uncertainty is None:
             image.flags.append(Flag("warning", "no uncertainty map next to the segmentation"))
         if image.source_paths[0] is None:
