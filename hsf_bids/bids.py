@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from hsf_bids.errors import EX_EMPTY_SELECTION, EX_NOINPUT, EX_USAGE, HsfBidsError
+from hsf_bids.errors import EX_EMPTY_SELECTION, EX_NOINPUT, EX_USAGE, HsfBidsError, brief
 from hsf_bids.outputs.derivatives import Entities, EntitiesError
 from hsf_bids.vocabulary import CONTRASTS
 
@@ -103,7 +103,7 @@ def load_bids_filters(path: Path) -> dict[str, dict[str, Any]]:
     unknown = set(filters) - allowed
     if unknown:
         raise BIDSQueryError(
-            f"the BIDS filter file {path} has unknown queries {sorted(unknown)}; "
+            f"the BIDS filter file {path} has unknown queries {brief(sorted(unknown))}; "
             f"expected {sorted(allowed)}",
             exit_code=EX_USAGE,
         )

@@ -12,6 +12,8 @@ This module imports nothing from the package, so every module can import it.
 
 from __future__ import annotations
 
+import reprlib
+
 __all__ = [
     "EX_BIDS_INVALID",
     "EX_CANTCREAT",
@@ -27,6 +29,7 @@ __all__ = [
     "EX_USAGE",
     "HsfBidsError",
     "UsageError",
+    "brief",
     "exit_code",
 ]
 
@@ -81,3 +84,35 @@ def exit_code(exc: BaseException, default: int = EX_FAILURE) -> int:
     if isinstance(exc, KeyboardInterrupt):
         return EX_INTERRUPTED
     return default
+
+
+# A value quoted in a message is cut to this many characters: a hub file may hold a 5 MB string,
+# and a YAML structure may stand for billions of elements if written out whole.
+BRIEF_CHARS = 80
+
+
+def _brief_repr(limit: int) -> reprlib.Repr:
+    # Bounded at every level, so the cost never depends on the value's size.
+    shown = reprlib.Repr()
+    shown.maxlevel, shown.maxtuple, shown.maxlist, shown.maxdict = 2, 4, 4, 4
+    shown.maxset = shown.maxfrozenset = shown.maxdeque = shown.maxarray = 4
+    shown.maxstring = shown.maxother = shown.maxlong = limit
+    return shown
+
+
+def brief(value: object, *, limit: int = BRIEF_CHARS, quote: bool = True) -> str:
+    """``value`` as an error message quotes it: its ``repr`` (a string without quotes when
+    ``quote`` is false), at most about ``limit`` characters, a long string's length said.
+
+    Every message that shows a value the user wrote goes through here, so no input can make an
+    error message (or the time and memory to build it) large.
+    """
+    if isinstance(value, str) and not quote:
+        text = value if len(value) <= limit else value[: limit - 3] + "..."
+    else:
+        text = _brief_repr(limit).repr(value)
+        if len(text) > limit:
+            text = text[: limit - 3] + "..."
+    if isinstance(value, (str, bytes)) and len(value) > limit:
+        text += f" ({len(value)} characters)"
+    return text

@@ -23,6 +23,7 @@ from hsf_bids.errors import EX_DATAERR, HsfBidsError
 __all__ = [
     "InvalidImageError",
     "load_anat",
+    "nonfinite_voxels",
     "to_ras",
     "from_ras",
     "ras_ornt",
@@ -33,6 +34,9 @@ __all__ = [
 # Voxel sizes outside this range are not MRI heads (or the header is in the wrong unit).
 MIN_VOXEL_MM = 0.05
 MAX_VOXEL_MM = 12.0
+# Where load_anat records how many voxels were NaN or infinite (nibabel's ``extra`` mapping is
+# meant for metadata the image format cannot store).
+NONFINITE_VOXELS = "nonfinite_voxels"
 # Below this the rows of the affine are close to linearly dependent (collapsed axes).
 _MIN_ABS_COS = 1e-3
 
@@ -70,7 +74,8 @@ def _check_affine(affine: np.ndarray, name: str) -> None:
 
 
 def _check_header_codes(img: nib.Nifti1Image, name: str) -> None:
-    """Refuse NIfTI files whose orientation is unknown (left and right would be guessed)."""
+    """Refuse NIfTI files whose orientation is unknown (left and right would be guessed), or
+    whose qform, the affine in use, has no voxel size."""
     header = img.header
     if not isinstance(header, nib.Nifti1Header):
         return
@@ -81,6 +86,27 @@ def _check_header_codes(img: nib.Nifti1Image, name: str) -> None:
             f"{name}: neither qform nor sform is set (both codes 0): the orientation is unknown, "
             "so left and right cannot be told apart"
         )
+    if scode == 0:
+        pixdim = _raw_pixdim(img)
+        if pixdim is not None and not np.all(np.isfinite(pixdim) & (pixdim != 0)):
+            raise InvalidImageError(
+                f"{name}: the qform (in use: sform_code is 0) has voxel size "
+                f"{[float(p) for p in pixdim]} (pixdim[1:4]): a zero or non-finite voxel size "
+                "is unknown, not 1 mm"
+            )
+
+
+def _raw_pixdim(img: nib.Nifti1Image) -> np.ndarray | None:
+    """``pixdim[1:4]`` as stored in the file. nibabel's loader replaces a zero by 1 (with only a
+    log message), which would make volumes silently wrong; None when the header cannot be read
+    again (the voxel data check reports the file)."""
+    try:
+        holder = img.file_map.get("header") or img.file_map["image"]
+        with holder.get_prepare_fileobj(mode="rb") as fileobj:
+            raw = type(img.header).from_fileobj(fileobj, check=False)
+    except Exception:  # noqa: BLE001 - nibabel raises many types for corrupt files
+        return None
+    return np.asarray(raw["pixdim"][1:4], dtype=float)
 
 
 def _validated(img: nib.spatialimages.SpatialImage, name: str) -> nib.Nifti1Image:
@@ -103,17 +129,27 @@ def _validated(img: nib.spatialimages.SpatialImage, name: str) -> nib.Nifti1Imag
     finite = np.isfinite(data) if np.issubdtype(data.dtype, np.floating) else None
     if finite is not None and not finite.any():
         raise InvalidImageError(f"{name}: every voxel is NaN or infinite")
+    nonfinite = 0
     if finite is not None and not finite.all():
         # Registration and z-scoring cannot cope with NaN; background is the only sane fill.
+        # The count is kept so that the run can warn and flag the image's results.
+        nonfinite = int(finite.size - np.count_nonzero(finite))
         data = np.where(finite, data, 0)
     if not np.any(data):
         raise InvalidImageError(f"{name}: every voxel is zero")
     if np.ptp(data) == 0:
         raise InvalidImageError(f"{name}: every voxel has the same value {data.flat[0]}")
     out = new_image(data, affine, code=_xform_code(img))
+    out.extra[NONFINITE_VOXELS] = nonfinite
     if name != "<in-memory image>":
         out.set_filename(name)
     return out
+
+
+def nonfinite_voxels(img: nib.spatialimages.SpatialImage) -> int:
+    """How many voxels of an image read by :func:`load_anat` were NaN or infinite in the file
+    (now 0, background); 0 for other images."""
+    return int(img.extra.get(NONFINITE_VOXELS, 0))
 
 
 def _xform_code(img: nib.spatialimages.SpatialImage) -> int:
@@ -139,11 +175,12 @@ def load_anat(path: str | os.PathLike[str]) -> nib.Nifti1Image:
 
     Input: a NIfTI-1/2 file (``.nii`` or ``.nii.gz``). Output: a 3D :class:`nibabel.Nifti1Image`
     in the file's own voxel order, with the affine nibabel picks (sform when its code is set,
-    else qform), scaled data (``scl_slope`` applied) and non-finite voxels set to 0.
+    else qform), scaled data (``scl_slope`` applied) and non-finite voxels set to 0 (background;
+    :func:`nonfinite_voxels` says how many there were).
 
     Raises :class:`InvalidImageError` naming the file when it is missing or unreadable, not 3D
-    (4D is accepted only with one volume), all zeros, all NaN, constant, has no qform/sform, or
-    has a degenerate affine.
+    (4D is accepted only with one volume), all zeros, all NaN, constant, has no qform/sform, has
+    a degenerate affine, or takes its affine from a qform with a zero voxel size.
     """
     path = Path(path)
     if not path.is_file():

@@ -28,7 +28,7 @@ import pandas as pd
 
 from hsf_bids.engines.base import Network
 from hsf_bids.faults import fault_point
-from hsf_bids.image import from_ras, load_anat, to_ras
+from hsf_bids.image import from_ras, load_anat, nonfinite_voxels, to_ras
 from hsf_bids.localisation import Box, crop, locate
 from hsf_bids.outputs.derivatives import write_json
 from hsf_bids.settings import SegmentationSettings
@@ -36,6 +36,8 @@ from hsf_bids.timing import StageTimer
 from hsf_bids.vocabulary import SIDES
 
 LOCALISATION_JSON = "localisation.json"
+# One side's per-prediction label counts (segment_side -> write_derivatives).
+PREDICTIONS_JSON = "predictions.json"
 
 
 def read_localisation(path: str | os.PathLike[str]) -> dict[str, Any]:
@@ -127,14 +129,21 @@ def load_networks(settings: SegmentationSettings) -> list[Network]:
     return networks
 
 
+def read_predictions(path: str | os.PathLike[str]) -> np.ndarray:
+    """The per-prediction label counts written by :func:`segment_side`: int64
+    ``[inputs, 1 + copies, models, labels]`` (see ``CropSegmentation.prediction_counts``)."""
+    return np.asarray(json.loads(Path(path).read_text())["counts"], dtype=np.int64)
+
+
 def segment_side(
     in_files: Sequence[str | os.PathLike[str]],
     localisation_file: str | os.PathLike[str],
     side: str,
     out_dir: str | os.PathLike[str],
     settings: SegmentationSettings,
-) -> tuple[Path, Path]:
-    """Segment one side's crop with every model; writes the crop's labels and uncertainty.
+) -> tuple[Path, Path, Path]:
+    """Segment one side's crop with every model; writes the crop's labels and uncertainty,
+    and each prediction's label counts (:data:`PREDICTIONS_JSON`, :func:`read_predictions`).
 
     ``in_files``: the image whose grid the outputs share, then optionally a second contrast
     already on that image's RAS+ grid (:func:`coregister`). ``settings`` gives the models, how
@@ -163,13 +172,20 @@ def segment_side(
     crop_affine[:3, 3] = primary.affine[:3, :3] @ np.asarray(box.start) + primary.affine[:3, 3]
     out = Path(out_dir)
     labels_path, uncertainty_path = out / "labels.nii.gz", out / "uncertainty.nii.gz"
+    predictions_path = out / PREDICTIONS_JSON
     with timer.step("write"):
         nib.save(nib.Nifti1Image(result.labels.astype(np.uint8), crop_affine), labels_path)
         nib.save(
             nib.Nifti1Image(result.uncertainty.astype(np.float32), crop_affine), uncertainty_path
         )
+        counts = {
+            "axes": ["input", "copy", "model", "label"],
+            "labels": list(result.label_names),
+            "counts": result.prediction_counts.tolist(),
+        }
+        write_json(counts, predictions_path)
     timer.write(out)
-    return labels_path, uncertainty_path
+    return labels_path, uncertainty_path, predictions_path
 
 
 def paste_back_sides(
@@ -226,16 +242,24 @@ def write_derivatives(
     contrast: str,
     settings: SegmentationSettings,
     out_dir: str | os.PathLike[str],
+    predictions: Mapping[str, str | os.PathLike[str]] | None = None,
+    secondary_file: str | os.PathLike[str] | None = None,
 ) -> tuple[dict[str, Path], Path]:
     """Write the image's derivatives (atomically) and its rows of the volumes table.
 
     ``contrast`` is what the volumes table calls the input (``T1w``, ``T2w`` or ``T1w+T2w``);
-    ``settings`` gives the ``ca_mode`` and the provenance block of the sidecars.
+    ``settings`` gives the ``ca_mode`` and the provenance block of the sidecars;
+    ``predictions``: side -> the :data:`PREDICTIONS_JSON` of :func:`segment_side`, for the
+    volumes' ensemble spread (without them the spread columns are ``n/a``);
+    ``secondary_file`` is the second contrast fused in, if any. The sidecars' ``Provenance.QC``
+    and the table's ``qc_flags`` say what is wrong with the results (NaN input voxels, an empty
+    or implausibly small hippocampus).
 
     Returns the written derivative paths and a TSV of this image's volume rows in ``out_dir``
     (the session's table is assembled by :func:`write_volumes_table`).
     """
     from hsf_bids.outputs import Entities, compute_volumes, estimate_icv_mm3, write_segmentation
+    from hsf_bids.outputs.volumes import model_volumes, voxel_volume_mm3
 
     timer = StageTimer("derivatives")
     entities = Entities.from_filename(source_file)
@@ -251,13 +275,33 @@ def write_derivatives(
                         "template_to_subject", "seed", "resolution", "schedule")
         },
     }  # fmt: skip
-    written = write_segmentation(
-        output_dir, entities, labels, uncertainty, source, sources=sources, provenance=record
+    counts = {side: read_predictions(path) for side, path in (predictions or {}).items()}
+    per_model = None
+    if counts:
+        named = [m.get("File") for m in settings.provenance.get("Models") or []]
+        if len(named) != len(settings.models) or not all(named):
+            named = [Path(m.path).name for m in settings.models]
+        per_model = model_volumes(counts, settings.ca_mode, voxel_volume_mm3(source.affine), named)
+    # NaN voxels were segmented as background (load_anat): counted again here, from every
+    # input, so that the tables and the sidecar flag the image.
+    nonfinite = sum(
+        nonfinite_voxels(load_anat(f)) for f in (source_file, secondary_file) if f is not None
     )
     icv = estimate_icv_mm3(np.asarray(loc["template_to_subject"]))
     table = compute_volumes(
         labels, uncertainty, source.affine, settings.ca_mode, entities=entities,
         contrast=contrast, icv_mm3=icv, localisation_ok=bool(loc["localisation_ok"]),
+        predictions=counts or None,
+        nonfinite_voxels=nonfinite,
+    )  # fmt: skip
+    flags = table["qc_flags"].iloc[0]
+    record["QC"] = {
+        "nonfinite_voxels": nonfinite,
+        "qc_flags": flags.split("; ") if isinstance(flags, str) else [],
+    }
+    written = write_segmentation(
+        output_dir, entities, labels, uncertainty, source, sources=sources, provenance=record,
+        model_volumes=per_model,
     )  # fmt: skip
     part = Path(out_dir) / "volumes_part.tsv"
     table.to_csv(part, sep="\t", index=False, na_rep="n/a")

@@ -71,6 +71,29 @@ def test_work_dir_inside_bids_dir(capsys, dataset, tmp_path):
     ) in err
 
 
+@pytest.mark.parametrize("inside", [".", "work", "sub-01/work"])
+def test_work_dir_inside_output_dir(capsys, ds_mini, tmp_path, inside):
+    """Issue 15.9: a work folder inside the output folder made the derivatives fail the
+    validator."""
+    out = tmp_path / "out"
+    work = (out / inside).resolve()
+    code, err = run(capsys, ds_mini, out, "participant", "-w", work)
+    assert code == 64
+    assert (
+        f"the work folder {work} is inside the output folder {out}, whose derivatives would "
+        "then fail the BIDS validator; choose a folder outside it (-w/--work-dir)"
+    ) in err
+    assert not out.exists()
+
+
+def test_default_work_dir_of_an_output_in_the_datasets_derivatives(dataset):
+    from hsf_bids.cli.run import build_config
+
+    out = dataset / "derivatives" / "hsf_bids"
+    config = build_config([str(dataset), str(out), "participant"])
+    assert config.work_dir == dataset.parent / "work" / "hsf_bids"
+
+
 def test_missing_bids_dir(capsys, tmp_path):
     code, err = run(capsys, tmp_path / "nothing", tmp_path / "out", "participant")
     assert code == 66

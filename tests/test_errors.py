@@ -7,6 +7,7 @@ import pytest
 from hsf_bids import errors
 from hsf_bids.bids import BIDSQueryError
 from hsf_bids.engines import EngineError, ModelLoadError
+from hsf_bids.engines.contract import ModelContractError
 from hsf_bids.group.tables import GroupInputError
 from hsf_bids.hub import (
     ChecksumError,
@@ -17,7 +18,12 @@ from hsf_bids.hub import (
     UnknownPresetError,
 )
 from hsf_bids.image import InvalidImageError
-from hsf_bids.outputs import DerivativesError, LutConflictError, OutputWriteError
+from hsf_bids.outputs import (
+    DerivativesError,
+    LutConflictError,
+    OutputWriteError,
+    UnsafeOutputError,
+)
 from hsf_bids.quantize import QuantizeUnavailableError
 from hsf_bids.runtime import RuntimeEnvironmentError
 from hsf_bids.templates import TemplateError
@@ -31,6 +37,7 @@ CODES = {
     ModelLoadError: 64,
     QuantizeUnavailableError: 64,
     HubError: 65,
+    ModelContractError: 65,
     ChecksumError: 65,
     InvalidImageError: 65,
     HubNotFoundError: 66,
@@ -40,6 +47,7 @@ CODES = {
     DerivativesError: 73,
     OutputWriteError: 73,
     LutConflictError: 73,
+    UnsafeOutputError: 73,
     RuntimeEnvironmentError: 73,
     DownloadError: 74,
 }

@@ -9,7 +9,14 @@ import numpy as np
 import pytest
 from nibabel.orientations import aff2axcodes
 
-from hsf_bids.image import InvalidImageError, from_ras, load_anat, new_image, to_ras
+from hsf_bids.image import (
+    InvalidImageError,
+    from_ras,
+    load_anat,
+    new_image,
+    nonfinite_voxels,
+    to_ras,
+)
 
 HEADS = [
     "sub-01/anat/sub-01_T1w.nii.gz",
@@ -167,6 +174,8 @@ def test_partial_nan_becomes_zero(tmp_path: Path) -> None:
     out = np.asarray(img.dataobj)
     assert np.all(np.isfinite(out)) and np.all(out[0, 0, :] == 0)
     np.testing.assert_array_equal(out[1:], data[1:])
+    assert nonfinite_voxels(img) == data.shape[2]  # counted for the warning and the QC flag
+    assert nonfinite_voxels(load_anat(_save(tmp_path, "finite.nii.gz", out))) == 0
 
 
 @pytest.mark.parametrize(

@@ -62,8 +62,10 @@ def test_group_tables_read_the_failed_checks_from_the_sidecars(tmp_path: Path) -
     table = pd.DataFrame([{"participant_id": "sub-02", "session_id": "ses-02", "acq": "n/a",
                            "ce": "n/a", "rec": "n/a", "run": "n/a", "contrast": "T2w",
                            "source": "sub-02_ses-02_T2w", "side": "left", "structure": "HC",
-                           "label": "n/a", "localisation_ok": False}])  # fmt: skip
+                           "label": "n/a", "n_voxels": 2900, "volume_mm3": 2900.0,
+                           "mean_uncertainty": 0.3, "icv_mm3": 1.2e6,
+                           "localisation_ok": False}])  # fmt: skip
     path = volumes_path(tmp_path, Entities.from_filename("sub-02_ses-02_T2w"))
     table.to_csv(path, sep="\t", index=False)
-    long = read_volumes([path], tmp_path)
+    long = read_volumes([path], tmp_path).table
     assert long.loc[0, "localisation_failed"] == "sides"

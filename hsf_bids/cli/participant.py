@@ -76,13 +76,18 @@ def _check_images(jobs: list[SegmentationJob]) -> tuple[list[SegmentationJob], l
     A truncated, 4D or empty image is reported with its file name and its job dropped (a bad
     second contrast only leaves the first one alone), so other images and subjects still run.
     """
-    from hsf_bids.image import InvalidImageError, load_anat
+    from hsf_bids.image import InvalidImageError, load_anat, nonfinite_voxels
 
     def problem(path: Path) -> str | None:
         try:
-            load_anat(path)
+            count = nonfinite_voxels(load_anat(path))
         except InvalidImageError as exc:
             return str(exc)
+        if count:
+            LOGGER.warning(
+                "%s: %d voxel(s) are NaN or infinite: segmented as background, which can change "
+                "the volumes; the results are flagged (qc_flags nonfinite_input)", path, count,
+            )  # fmt: skip
         return None
 
     usable, invalid = [], []
@@ -112,12 +117,16 @@ def _check_templates(jobs: list[SegmentationJob]) -> None:
 
 
 def _models(config: RunConfig):  # noqa: ANN202
-    """The preset and its verified local model files (downloaded unless --offline)."""
+    """The preset and its verified local model files (downloaded unless --offline), each
+    checked against the HSF contract before any image is registered."""
+    from hsf_bids.engines.contract import check_model_contract
     from hsf_bids.hub import ensure_models, resolve_models_dir, resolve_preset
 
     preset = resolve_preset(config.preset, config.hub)
     models_dir = resolve_models_dir(config.models_dir)
     paths = ensure_models(preset, models_dir, offline=config.offline)
+    for path in paths:
+        check_model_contract(path)
     return preset, paths
 
 
@@ -150,14 +159,25 @@ def _accepted_jobs(jobs: list[SegmentationJob], preset) -> list[SegmentationJob]
 
 def select_images(config: RunConfig) -> tuple[list[SegmentationJob], list[str]]:
     """The segmentations the run's selection asks for (labels, contrast, BIDS filters), and the
-    problems met; see :func:`hsf_bids.bids.collect_jobs`, whose errors it raises."""
-    return collect_jobs(
-        config.bids_dir,
-        participant_labels=config.participant_labels,
-        session_labels=config.session_labels,
-        contrast=config.contrast,
-        bids_filters=config.bids_filters,
-    )
+    problems met; see :func:`hsf_bids.bids.collect_jobs`, whose errors it raises (and pybids'
+    refusal of a filter, as a usage error)."""
+    try:
+        return collect_jobs(
+            config.bids_dir,
+            participant_labels=config.participant_labels,
+            session_labels=config.session_labels,
+            contrast=config.contrast,
+            bids_filters=config.bids_filters,
+        )
+    except BIDSQueryError:
+        raise
+    except ValueError as exc:
+        if not config.bids_filters:
+            raise
+        raise BIDSQueryError(
+            f"the BIDS filters cannot be applied: {ex.brief(str(exc), limit=300, quote=False)}",
+            exit_code=ex.EX_USAGE,
+        ) from exc
 
 
 def run_participant(config: RunConfig) -> int:
@@ -201,7 +221,7 @@ def run_participant(config: RunConfig) -> int:
     try:
         preset, model_paths = _models(config)
         phases.lap("models")
-    except (HubError, ModelsError, OSError) as exc:
+    except (HubError, ModelsError, EngineError, OSError) as exc:
         LOGGER.error("%s", exc)
         return ex.exit_code(exc)
     jobs = _accepted_jobs(jobs, preset)
@@ -234,6 +254,7 @@ def run_participant(config: RunConfig) -> int:
         LOGGER.error("%s", exc)
         return ex.exit_code(exc)
     _report(config, jobs, failed)
+    _report_qc_flags(config, jobs, failed)
     try:
         _write_reports(config, jobs)
     except DerivativesError as exc:  # the disk is full: the report is an output like the others
@@ -290,37 +311,49 @@ def _run_workflow(
     from hsf_bids.workflows.base import init_hsf_wf
 
     settings = SegmentationSettings.from_run(config, preset, plan)
-    loader = _prefetch_networks(settings) if config.plugin == "Linear" else None
+    # The shared files decide whether this output folder is ours at all: a refusal must come
+    # before any model starts loading, or the process would exit with a thread inside an
+    # engine's C++ code (an abort, exit 134, instead of the refusal's code).
     _write_shared_files(config, settings.ca_mode)
     subjects = sorted({job.subject for job in jobs})
     for subject in subjects:
         config.write(config.subject_log_dir(subject) / "config.json")
-    _configure_nipype(config)
-    wf = init_hsf_wf(jobs, config, settings)
-    if config.write_graph:
-        try:
-            wf.write_graph(graph2use="colored", format="svg", simple_form=True)
-        except Exception as exc:  # noqa: BLE001 - graphviz missing: the graph is optional
-            LOGGER.warning("could not write the workflow graph: %s", exc)
-    phases.lap("workflow_build")
-    unwritable: OSError | None = None
+    loader = _prefetch_networks(settings) if config.plugin == "Linear" else None
     try:
-        wf.run(plugin=config.plugin, plugin_args=config.plugin_args)
-    except OSError as exc:  # Nipype could not write its own files (node results, crash files)
-        unwritable = exc
-    except Exception as exc:  # noqa: BLE001 - node failures are reported from their crash files
-        LOGGER.debug("workflow ended with errors: %s", exc)
-    if loader is not None:
-        loader.join()  # never leave a thread inside an engine's C++ code at exit
-    if unwritable is not None:  # a full disk: every later step would fail the same way
-        from hsf_bids.outputs import DerivativesError
+        _configure_nipype(config)
+        wf = init_hsf_wf(jobs, config, settings)
+        if config.write_graph:
+            try:
+                wf.write_graph(graph2use="colored", format="svg", simple_form=True)
+            except Exception as exc:  # noqa: BLE001 - graphviz missing: the graph is optional
+                LOGGER.warning("could not write the workflow graph: %s", exc)
+        phases.lap("workflow_build")
+        try:
+            wf.run(plugin=config.plugin, plugin_args=config.plugin_args)
+        except OSError as exc:
+            # Nipype could not write its own files (node results, crash files): the disk is
+            # full, and every later step would fail the same way.
+            from hsf_bids.outputs import DerivativesError
 
-        where = unwritable.filename or "the work folder or a crash file"
-        raise DerivativesError(
-            f"could not write {where}: {unwritable.strerror or unwritable}; make room and run "
-            "the same command again"
-        ) from unwritable
+            where = exc.filename or "the work folder or a crash file"
+            raise DerivativesError(
+                f"could not write {where}: {exc.strerror or exc}; make room and run the same "
+                "command again"
+            ) from exc
+        except Exception as exc:
+            failed = _failed_subjects(config, subjects)
+            if not failed:  # not a node's failure (those leave crash files): the run's own
+                raise
+            LOGGER.debug("workflow ended with errors: %s", exc)
+    finally:
+        if loader is not None:
+            loader.join()  # on every way out: never exit with a thread inside an engine
     phases.lap("workflow_run")
+    return _failed_subjects(config, subjects)
+
+
+def _failed_subjects(config: RunConfig, subjects: list[str]) -> dict[str, list[Path]]:
+    """The subjects whose nodes failed in this run, with their crash files."""
     failed = {}
     for subject in subjects:
         crashes = crash_files(config.subject_log_dir(subject))
@@ -359,6 +392,29 @@ def _report(config: RunConfig, jobs: list[SegmentationJob], failed: dict[str, li
             LOGGER.error(
                 "%s failed: %s; details in %s", subject, crash_reason(crashfile), crashfile
             )
+
+
+def _report_qc_flags(
+    config: RunConfig, jobs: list[SegmentationJob], failed: dict[str, list[Path]]
+) -> None:
+    """A warning per image of this run whose results are flagged (NaN input voxels, an empty or
+    implausibly small hippocampus), then their number. The exit code stays 0 for them: their
+    outputs are written and say what is wrong."""
+    from hsf_bids.outputs.volumes import describe_qc_flags, read_qc_flags
+
+    subjects = sorted({job.subject for job in jobs if f"sub-{job.subject}" not in failed})
+    found = read_qc_flags(config.output_dir, subjects)
+    flagged = [job for job in jobs if job.image.name in found]
+    for job in flagged:
+        LOGGER.warning(
+            "%s flagged: %s; check it (sub-%s.html)",
+            job.image.name, describe_qc_flags(*found[job.image.name]), job.subject,
+        )  # fmt: skip
+    if flagged:
+        LOGGER.warning(
+            "%d image%s flagged: %s", len(flagged), "s" if len(flagged) > 1 else "",
+            ", ".join(job.image.name for job in flagged),
+        )  # fmt: skip
 
 
 def _write_reports(config: RunConfig, jobs: list[SegmentationJob]) -> None:

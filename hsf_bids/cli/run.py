@@ -55,6 +55,12 @@ def _check_folders(bids_dir: Path, output_dir: Path, work_dir: Path, level: str)
             f"the work folder {work_dir} is inside the input BIDS folder {bids_dir}; "
             "choose a folder outside the dataset (-w/--work-dir)"
         )
+    if level == "participant" and _is_within(work_dir, output_dir):
+        raise UsageError(
+            f"the work folder {work_dir} is inside the output folder {output_dir}, whose "
+            "derivatives would then fail the BIDS validator; choose a folder outside it "
+            "(-w/--work-dir)"
+        )
     if level == "list":
         return
     if level == "group":
@@ -125,15 +131,31 @@ def scheduler_scratch(environ: Mapping[str, str] | None = None) -> Path | None:
 def _plugin(path: Path | None, nprocs: int, omp_nthreads: int, mem_gb: float | None):  # noqa: ANN202
     """Nipype plugin name and arguments (from a YAML file when given)."""
     if path is not None:
-        import yaml
+        from hsf_bids.hub.yamlfile import YamlFileError, read_yaml
 
         try:
-            settings = yaml.safe_load(path.read_text()) or {}
-        except (OSError, yaml.YAMLError) as exc:
-            raise UsageError(f"cannot read the plugin file {path}: {exc}") from exc
-        if not isinstance(settings, dict) or "plugin" not in settings:
-            raise UsageError(f"the plugin file {path} must have a 'plugin' key")
-        return str(settings["plugin"]), dict(settings.get("plugin_args") or {})
+            settings = read_yaml(path) or {}
+        except OSError as exc:
+            raise UsageError(f"cannot read the plugin file {path}: {exc.strerror or exc}") from exc
+        except YamlFileError as exc:
+            raise UsageError(f"the plugin file {path}: {exc}") from exc
+        if not isinstance(settings, dict) or not isinstance(settings.get("plugin"), str):
+            raise UsageError(f"the plugin file {path} must have a 'plugin' key naming a plugin")
+        from nipype.pipeline import plugins
+
+        name = settings["plugin"]
+        known = sorted(
+            n[: -len("Plugin")] for n in dir(plugins) if n.endswith("Plugin") and n[0].isupper()
+        )
+        if name not in known:
+            raise UsageError(
+                f"the plugin file {path}: unknown Nipype plugin {ex.brief(name)}; "
+                f"choose one of {', '.join(known)}"
+            )
+        args = settings.get("plugin_args") or {}
+        if not isinstance(args, dict):
+            raise UsageError(f"the plugin file {path}: 'plugin_args' must be a mapping")
+        return name, dict(args)
     # With one node able to use every CPU, MultiProc only adds worker processes that each load
     # the models again; Linear keeps one process, so the loaded models serve every subject.
     if nprocs <= omp_nthreads:
@@ -160,7 +182,9 @@ def build_config(argv: Sequence[str] | None = None) -> RunConfig:
     default_work = scratch / "hsf_bids" if scratch else output_dir.parent / "work" / "hsf_bids"
     work_dir = (opts.work_dir or default_work).expanduser().resolve()
     if opts.work_dir is None and _is_within(work_dir, bids_dir):
-        work_dir = output_dir / "work"
+        # An output in <bids_dir>/derivatives/: the work folder goes beside the dataset, as
+        # neither the dataset nor the output folder may hold it.
+        work_dir = bids_dir.parent / "work" / "hsf_bids"
     # Listing the participants only reads the dataset: it creates no folder.
     level = "list" if opts.list_participants else opts.analysis_level
     _check_folders(bids_dir, output_dir, work_dir, level)
@@ -240,26 +264,53 @@ def list_participants(config: RunConfig) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of ``hsf-bids``; returns the exit code."""
+    """Entry point of ``hsf-bids``; returns the exit code.
+
+    An error the user can cause is one line on the console and its code; anything else is
+    unexpected: its traceback goes to a crash file (:mod:`hsf_bids.cli.crash`) and the console
+    gets one line naming it.
+    """
     setup_console(PROG)
     try:
         config = build_config(argv)
     except (ex.HsfBidsError, ValueError) as exc:  # ValueError: an option RunConfig refuses
         LOGGER.error("%s", exc)
         return ex.exit_code(exc, default=ex.EX_USAGE)
+    except KeyboardInterrupt:
+        LOGGER.error("interrupted")
+        return ex.EX_INTERRUPTED
+    except Exception as exc:  # noqa: BLE001 - reported with its crash file
+        return _unexpected(exc, None)
+    try:
+        return _run(config)
+    except ex.HsfBidsError as exc:
+        LOGGER.error("%s", exc)
+        return ex.exit_code(exc)
+    except KeyboardInterrupt:
+        LOGGER.error("interrupted")
+        return ex.EX_INTERRUPTED
+    except Exception as exc:  # noqa: BLE001 - reported with its crash file
+        return _unexpected(exc, config)
+
+
+def _unexpected(exc: Exception, config: RunConfig | None) -> int:
+    from hsf_bids.cli.crash import report_crash
+
+    LOGGER.error("%s", report_crash(exc, config, PROG))
+    return ex.exit_code(exc)
+
+
+def _run(config: RunConfig) -> int:
     setup_console(PROG, verbosity_level(config.verbosity))
     if config.list_participants:
         return list_participants(config)
     logging.getLogger("nipype.workflow").setLevel(
         logging.INFO if config.verbosity else logging.WARNING
     )
-    from hsf_bids.runtime import RuntimeEnvironmentError, prepare_runtime
+    from hsf_bids.runtime import prepare_runtime
 
-    try:  # before any library that writes to $HOME or phones home is imported
-        prepare_runtime(config.work_dir)
-    except RuntimeEnvironmentError as exc:
-        LOGGER.error("%s", exc)
-        return ex.exit_code(exc)
+    # before any library that writes to $HOME or phones home is imported
+    prepare_runtime(config.work_dir)
     if config.analysis_level == "group":
         from hsf_bids.cli.group import run_group
 

@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 
 from hsf_bids import __version__
-from hsf_bids.group.tables import FLAG_COLUMNS
+from hsf_bids.group.tables import FLAG_COLUMNS, WIDE_SPREAD
 from hsf_bids.outputs.read import dseg_sidecars, read_sidecar, source_name
 
 _WIDTH, _HEIGHT, _PAD = 260, 220, 36
@@ -34,9 +34,15 @@ def _label(row: pd.Series) -> str:
 
 def strip_plot(rows: pd.DataFrame, structure: str) -> str:
     """An SVG of one structure's volumes, left and right side by side: each image a point that
-    links to its subject's report (``sub-XX.html``); flagged points in red."""
+    links to its subject's report (``sub-XX.html``), with a bar over the 5-95 % range of the
+    ensemble's predictions where the table has it; flagged points in red."""
+    low, high = (
+        rows[c] if c in rows else pd.Series(np.nan, index=rows.index)
+        for c in ("volume_p05_mm3", "volume_p95_mm3")
+    )
     # Volumes are never negative: an axis from 0 shows sizes and failures in proportion.
-    lo, hi = 0.0, max(float(rows["volume_mm3"].max()) if len(rows) else 0.0, 1.0)
+    top = pd.concat([rows["volume_mm3"], high]).max() if len(rows) else 0.0
+    lo, hi = 0.0, max(float(top) if top == top else 0.0, 1.0)
     span = hi - lo
 
     def y(v: float) -> float:
@@ -62,10 +68,17 @@ def strip_plot(rows: pd.DataFrame, structure: str) -> str:
             f"{side}</text>"
         )
     rng = np.random.default_rng(0)  # fixed jitter: the page is the same every run
-    for _, row in rows.iterrows():
+    for index, row in rows.iterrows():
         cx = _SIDE_X[row["side"]] * _WIDTH + rng.uniform(-18, 18)
         flagged = bool(row[list(FLAG_COLUMNS)].any())
-        title = html.escape(f"{_label(row)} {row['side']} {structure}: {row['volume_mm3']:.0f} mm³")
+        text = f"{_label(row)} {row['side']} {structure}: {row['volume_mm3']:.0f} mm³"
+        if pd.notna(low[index]) and pd.notna(high[index]):
+            text += f" (5-95 %: {low[index]:.0f}-{high[index]:.0f})"
+            out.append(
+                f'<line x1="{cx:.1f}" x2="{cx:.1f}" y1="{y(low[index]):.1f}" '
+                f'y2="{y(high[index]):.1f}" class="range"/>'
+            )
+        title = html.escape(text)
         href = html.escape(f"{row['participant_id']}.html")
         out.append(
             f'<a href="{href}"><circle cx="{cx:.1f}" cy="{y(row["volume_mm3"]):.1f}" r="4.5" '
@@ -73,6 +86,20 @@ def strip_plot(rows: pd.DataFrame, structure: str) -> str:
         )
     out.append("</svg>")
     return "".join(out)
+
+
+def volume_columns(wide: pd.DataFrame) -> list[tuple[str, str | None, str | None]]:
+    """The wide table's volume columns (and ``icv_mm3``) as the report shows them: each with
+    the names of its 5th and 95th percentile columns, or None where it has none."""
+    spread = tuple(f"_{s}_mm3" for s in WIDE_SPREAD.values())
+    shown = []
+    for column in wide.columns:
+        if not column.endswith("_mm3") or column.endswith(spread):
+            continue
+        low, high = (column.replace("_mm3", f"_{s}_mm3") for s in ("p05", "p95"))
+        ranged = low in wide.columns and high in wide.columns
+        shown.append((column, low if ranged else None, high if ranged else None))
+    return shown
 
 
 def provenance(output_dir: Path, files: Sequence[str]) -> list[dict[str, Any]]:
@@ -112,7 +139,7 @@ def render_group_report(
         flagged=[(_label(r), r["participant_id"], r["flags"]) for _, r in flagged.iterrows()],
         failures=status[status["status"] != "ok"].to_dict("records"),
         provenance=provenance(output_dir, long["volumes_file"].unique()),
-        columns=[c for c in wide.columns if c.endswith("_mm3")],
+        columns=volume_columns(wide),
         rows=wide.to_dict("records"),
         label=_label,
     )

@@ -19,7 +19,7 @@ from typing import Any
 import platformdirs
 
 from hsf_bids.errors import EX_NOINPUT
-from hsf_bids.hub.download import ChecksumError, ModelsError, download_file, xxh3_64_file
+from hsf_bids.hub.download import ChecksumError, ModelsError, download_file, file_digests
 from hsf_bids.hub.presets import ModelFile, Preset
 
 __all__ = [
@@ -64,13 +64,22 @@ class FileState(str, Enum):
 class ModelStatus:
     """One model file of a preset, where it is (or would be) and its state after hashing.
 
-    ``got`` is the checksum found (None when missing).
+    ``got`` is the XXH3-64 found (None when missing), ``got_sha256`` the SHA-256 found when the
+    model has one.
     """
 
     model: ModelFile
     path: Path
     state: FileState
     got: str | None = None
+    got_sha256: str | None = None
+
+    @property
+    def mismatch(self) -> tuple[str, str, str]:
+        """``(kind, expected, got)`` of the first checksum that does not match (CORRUPT only)."""
+        if self.got != self.model.xxh3_64:
+            return "xxh3_64", self.model.xxh3_64, self.got or ""
+        return "sha256", self.model.sha256 or "", self.got_sha256 or ""
 
 
 def default_models_dir() -> Path:
@@ -98,11 +107,12 @@ def model_path(preset: Preset, model: ModelFile, models_dir: Path) -> Path:
 def _status(preset: Preset, model: ModelFile, models_dir: Path) -> ModelStatus:
     path = model_path(preset, model, models_dir)
     try:
-        got = xxh3_64_file(path)
+        got, got_sha256 = file_digests(path, sha256=model.sha256 is not None)
     except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
         return ModelStatus(model, path, FileState.MISSING)
-    state = FileState.VERIFIED if got == model.xxh3_64 else FileState.CORRUPT
-    return ModelStatus(model, path, state, got)
+    verified = got == model.xxh3_64 and got_sha256 == model.sha256
+    state = FileState.VERIFIED if verified else FileState.CORRUPT
+    return ModelStatus(model, path, state, got, got_sha256)
 
 
 def verify_models(preset: Preset, models_dir: Path | str) -> list[ModelStatus]:
@@ -121,12 +131,15 @@ def fetch_command(preset: Preset, models_dir: Path | str) -> str:
 
 
 def _describe(status: ModelStatus) -> str:
-    what = (
-        "missing"
-        if status.state is FileState.MISSING
-        else f"corrupt (xxh3_64 {status.got}, expected {status.model.xxh3_64})"
-    )
-    return f"  {status.model.name}: {what} at {status.path}\n    from {status.model.url}"
+    if status.state is FileState.MISSING:
+        what = f"missing: no file at {status.path}"
+    else:
+        kind, expected, got = status.mismatch
+        what = (
+            f"present at {status.path} but corrupt: its {kind} is {got}, expected {expected} "
+            "(a damaged or different file; fetching replaces it)"
+        )
+    return f"  {status.model.name}: {what}\n    from {status.model.url}"
 
 
 def ensure_models(
@@ -154,12 +167,13 @@ def ensure_models(
     ]
     for status in local_bad:
         if status.state is FileState.CORRUPT:
+            kind, expected, got = status.mismatch
             raise ChecksumError(
                 f"hub file {preset.source}: model {status.model.name} at {status.path} has "
-                f"xxh3_64 {status.got}, expected {status.model.xxh3_64}",
+                f"{kind} {got}, expected {expected}",
                 status.path,
-                status.model.xxh3_64,
-                status.got or "",
+                expected,
+                got,
             )
     if local_bad:
         raise ModelsMissingError(
@@ -172,10 +186,15 @@ def ensure_models(
     todo = [s for s in statuses if s.state is not FileState.VERIFIED]
     if todo and offline:
         command = fetch_command(preset, models_dir)
+        missing = sum(s.state is FileState.MISSING for s in todo)
+        found = [f"{missing} missing"] if missing else []
+        if len(todo) > missing:
+            found.append(f"{len(todo) - missing} present but corrupt (checksum mismatch)")
         raise ModelsMissingError(
             f"{len(todo)} model file(s) of {'preset' if preset.builtin else 'hub file'} "
-            f"{preset.name if preset.builtin else preset.source} are not in the models folder "
-            f"{models_dir / preset.subfolder} and downloads are off (offline):\n"
+            f"{preset.name if preset.builtin else preset.source} cannot be used from the models "
+            f"folder {models_dir / preset.subfolder} ({' and '.join(found)}) and downloads are "
+            "off (offline):\n"
             + "\n".join(_describe(s) for s in todo)
             + f"\nFetch them on a machine with internet access with:\n  {command}",
             tuple(todo),
@@ -186,6 +205,9 @@ def ensure_models(
             status.model.url,
             status.path,
             status.model.xxh3_64,
+            size=status.model.size,
+            sha256=status.model.sha256,
+            allow_http=preset.allow_http,
             progress=progress,
             **download_options,
         )

@@ -166,11 +166,14 @@ def _cmd_list(args: argparse.Namespace, models_dir: Path) -> int:
             where = "local file" if model.local_path is not None else "cached"
             state = {
                 FileState.VERIFIED: f"{where}, verified",
-                FileState.CORRUPT: f"{where} but corrupt (xxh3_64 {status.got})",
+                FileState.CORRUPT: f"{where} but corrupt ({status.mismatch[0]} "
+                f"{status.mismatch[2]})",
                 FileState.MISSING: "missing",
             }[status.state]
             print(f"  - {model.name}  xxh3_64 {model.xxh3_64}  {_size(model.size)}  [{state}]")
             print(f"      url:  {model.url}")
+            if model.sha256:
+                print(f"      sha256: {model.sha256}")
             print(f"      path: {status.path}")
     return ex.EX_OK
 
@@ -196,9 +199,10 @@ def _cmd_verify(args: argparse.Namespace, models_dir: Path) -> int:
                 print(f"OK       {preset.name}: {model.name}  {status.path}")
             elif status.state is FileState.CORRUPT:
                 failed = True
+                kind, expected, got = status.mismatch
                 print(
-                    f"CORRUPT  {preset.name}: {model.name}  xxh3_64 {status.got}, expected "
-                    f"{model.xxh3_64}  {status.path}"
+                    f"CORRUPT  {preset.name}: {model.name}  {kind} {got}, expected {expected}  "
+                    f"{status.path}"
                 )
             else:
                 failed = failed or strict_missing
@@ -332,6 +336,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         # engines, NNCF, images, hub files, downloads: one line, no traceback
         LOGGER.error("%s", _error_line(exc))
         return EX_CHECKSUM if isinstance(exc, ChecksumError) else ex.exit_code(exc)
+    except Exception as exc:  # noqa: BLE001 - unexpected: the traceback goes to a crash file
+        from hsf_bids.cli.crash import report_crash
+
+        LOGGER.error("%s", report_crash(exc, None, PROG))
+        return ex.exit_code(exc)
 
 
 if __name__ == "__main__":

@@ -1,14 +1,22 @@
 """Download one model file: streamed, retried, verified, then renamed into place atomically.
 
 The file is written to a hidden temporary file in the destination folder
-(:func:`hsf_bids.atomic.atomic_file`), its XXH3-64 checked, and only then renamed to its final
-name, so a reader never sees a partial or wrong file and concurrent processes fetching the same
-file cannot corrupt each other (the last rename wins, and every candidate was verified).
+(:func:`hsf_bids.atomic.atomic_file`), its XXH3-64 (and SHA-256 when the hub file gives one)
+checked, and only then renamed to its final name, so a reader never sees a partial or wrong file
+and concurrent processes fetching the same file cannot corrupt each other (the last rename wins,
+and every candidate was verified).
+
+What a server may do is held to the hub file's word: a transfer stops as soon as it exceeds the
+model's ``size``; redirects are followed to http(s) only and never from https down to http; plain
+http is refused for any host but this machine's loopback unless the hub file sets
+``allow_http: true`` (XXH3-64 detects accidents, not tampering; SHA-256 does).
 """
 
 from __future__ import annotations
 
+import hashlib
 import http.client
+import ipaddress
 import socket
 import sys
 import time
@@ -17,6 +25,7 @@ import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO
+from urllib.parse import urlsplit
 
 import xxhash
 
@@ -25,14 +34,17 @@ if TYPE_CHECKING:
 
 from hsf_bids import __version__
 from hsf_bids.atomic import atomic_file
-from hsf_bids.errors import EX_DATAERR, EX_IOERR, HsfBidsError
+from hsf_bids.errors import EX_DATAERR, EX_IOERR, HsfBidsError, brief
 
 __all__ = [
     "CHUNK",
     "ChecksumError",
     "DownloadError",
     "ModelsError",
+    "check_url",
     "download_file",
+    "file_digests",
+    "is_loopback",
     "xxh3_64_file",
 ]
 
@@ -74,13 +86,79 @@ class _Retryable(Exception):
     """An attempt failed in a way worth retrying (connection, 5xx, truncation)."""
 
 
-def xxh3_64_file(path: Path | str, chunk: int = CHUNK) -> str:
-    """XXH3-64 of a whole file, streamed: 16 lowercase hexadecimal characters."""
-    digest = xxhash.xxh3_64()
+def file_digests(
+    path: Path | str, *, sha256: bool = False, chunk: int = CHUNK
+) -> tuple[str, str | None]:
+    """XXH3-64 (16 lowercase hexadecimal characters) and, when ``sha256``, SHA-256 (64) of a
+    whole file, streamed in one pass."""
+    fast = xxhash.xxh3_64()
+    secure = hashlib.sha256() if sha256 else None
     with open(path, "rb") as fh:
         while block := fh.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
+            fast.update(block)
+            if secure is not None:
+                secure.update(block)
+    return fast.hexdigest(), secure.hexdigest() if secure is not None else None
+
+
+def xxh3_64_file(path: Path | str, chunk: int = CHUNK) -> str:
+    """XXH3-64 of a whole file, streamed: 16 lowercase hexadecimal characters."""
+    return file_digests(path, chunk=chunk)[0]
+
+
+def is_loopback(host: str | None) -> bool:
+    """Whether ``host`` is this machine (``localhost``, 127.0.0.0/8, ::1): traffic to it never
+    crosses a network, so plain http to it is as safe as https."""
+    if not host:
+        return False
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def check_url(url: str, *, allow_http: bool = False, came_from: str | None = None) -> None:
+    """Raise :class:`DownloadError` unless ``url`` may be fetched: http(s) only; plain http only
+    to a loopback host or with ``allow_http``; never http after https (``came_from``, the URL
+    that redirected here)."""
+    parts = urlsplit(url)
+    scheme = parts.scheme.lower()
+    via = f" (redirected from {brief(came_from, quote=False)})" if came_from else ""
+    if scheme not in ("http", "https"):
+        raise DownloadError(
+            f"refusing to fetch {brief(url, quote=False)}{via}: only http(s) URLs are followed",
+            url,
+        )
+    if scheme == "http" and came_from and urlsplit(came_from).scheme.lower() == "https":
+        raise DownloadError(
+            f"refusing the redirect from {brief(came_from, quote=False)} to "
+            f"{brief(url, quote=False)}: https is never followed down to plain http",
+            url,
+        )
+    if scheme == "http" and not allow_http and not is_loopback(parts.hostname):
+        raise DownloadError(
+            f"refusing to fetch {brief(url, quote=False)}{via} over plain http, which anyone on "
+            "the network path can alter; use https, or set 'allow_http: true' in the hub file",
+            url,
+        )
+
+
+class _RedirectPolicy(urllib.request.HTTPRedirectHandler):
+    """Follow a redirect only where :func:`check_url` allows (urllib alone follows ftp too)."""
+
+    def __init__(self, allow_http: bool) -> None:
+        super().__init__()
+        self.allow_http = allow_http
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):  # noqa: ANN001, ANN202
+        try:
+            check_url(newurl, allow_http=self.allow_http, came_from=req.full_url)
+        except DownloadError:
+            fp.close()
+            raise
+        return super().redirect_request(req, fp, code, msg, headers, newurl)
 
 
 def _progress_bar(total: int | None, desc: str, enabled: bool | None) -> tqdm:
@@ -116,10 +194,13 @@ def _attempt(
     connect_timeout: float,
     read_timeout: float,
     progress: bool | None,
+    size: int | None,
+    allow_http: bool,
 ) -> None:
     request = urllib.request.Request(url, headers={"User-Agent": _USER_AGENT})
+    opener = urllib.request.build_opener(_RedirectPolicy(allow_http))
     try:
-        response = urllib.request.urlopen(request, timeout=connect_timeout)
+        response = opener.open(request, timeout=connect_timeout)
     except urllib.error.HTTPError as exc:
         exc.close()
         message = f"HTTP {exc.code} {exc.reason} for {url}"
@@ -134,13 +215,21 @@ def _attempt(
         _set_read_timeout(response, read_timeout)
         length = response.headers.get("Content-Length")
         expected = int(length) if length and length.isdigit() else None
+        if size is not None and expected is not None and expected > size:
+            raise DownloadError(
+                f"{url} announces {expected} bytes but the hub file gives {name} a size of "
+                f"{size} bytes; nothing was downloaded",
+                url,
+            )
         received = 0
         out.seek(0)
         out.truncate()
-        with _progress_bar(expected, name, progress) as bar:
+        with _progress_bar(expected if size is None else size, name, progress) as bar:
             while True:
+                # Never read past the announced size: one byte more proves the file too large.
+                want = CHUNK if size is None else min(CHUNK, size + 1 - received)
                 try:
-                    block = response.read(CHUNK)
+                    block = response.read(want)
                 except (OSError, http.client.HTTPException) as exc:
                     raise _Retryable(
                         f"transfer of {url} interrupted after {received} bytes: {exc}"
@@ -151,6 +240,12 @@ def _attempt(
                 out.write(block)
                 received += len(block)
                 bar.update(len(block))
+                if size is not None and received > size:
+                    raise DownloadError(
+                        f"{url} sent more than the {size} bytes the hub file gives {name}; "
+                        "the transfer was stopped and nothing kept",
+                        url,
+                    )
         # http.client returns b"" when the server closes early instead of raising, so count.
         if expected is not None and received != expected:
             raise _Retryable(
@@ -163,6 +258,9 @@ def download_file(
     dest: Path | str,
     xxh3_64: str,
     *,
+    size: int | None = None,
+    sha256: str | None = None,
+    allow_http: bool = False,
     retries: int = 3,
     backoff: float = 2.0,
     connect_timeout: float = 30.0,
@@ -170,22 +268,30 @@ def download_file(
     progress: bool | None = None,
     sleep: Callable[[float], None] = time.sleep,
 ) -> Path:
-    """Fetch ``url`` to ``dest`` and verify its XXH3-64; return ``dest``.
+    """Fetch ``url`` to ``dest`` and verify its XXH3-64 (and ``sha256`` when given); return
+    ``dest``.
 
-    Retries ``retries`` times (waiting ``backoff * 2**attempt`` seconds) on connection errors,
-    timeouts, HTTP 5xx/408/429 and truncated transfers; an HTTP 4xx fails at once. ``progress``:
+    ``size`` (bytes) is a hard limit: a larger announced length or transfer stops at once.
+    ``allow_http`` lets plain http reach hosts other than the loopback (:func:`check_url`, also
+    applied to every redirect). Retries ``retries`` times (waiting ``backoff * 2**attempt``
+    seconds) on connection errors, timeouts, HTTP 5xx/408/429 and truncated transfers; an HTTP
+    4xx, a refused URL or redirect and an oversized transfer fail at once. ``progress``:
     True/False forces the tqdm bar on stderr on/off, None shows it only on a terminal.
     On any failure nothing is left under ``dest`` (nor any temporary file); a wrong checksum raises
     :class:`ChecksumError` (expected vs got, URL), other failures :class:`DownloadError`.
     """
     dest = Path(dest)
+    check_url(url, allow_http=allow_http)
     # Models are shared read-only data: 0644, whatever the umask.
     with atomic_file(dest, mode=0o644) as tmp:
         with open(tmp, "w+b") as out:
             attempt = 0
             while True:
                 try:
-                    _attempt(url, out, dest.name, connect_timeout, read_timeout, progress)
+                    _attempt(
+                        url, out, dest.name, connect_timeout, read_timeout, progress, size,
+                        allow_http,
+                    )  # fmt: skip
                     break
                 except _Retryable as exc:
                     if attempt >= retries:
@@ -194,13 +300,14 @@ def download_file(
                         ) from exc
                     sleep(backoff * 2**attempt)
                     attempt += 1
-        got = xxh3_64_file(tmp)
-        if got != xxh3_64:
-            raise ChecksumError(
-                f"checksum mismatch for {dest.name} downloaded from {url}: expected xxh3_64 "
-                f"{xxh3_64}, got {got}; the file was discarded",
-                dest,
-                xxh3_64,
-                got,
-            )
+        got, got_sha256 = file_digests(tmp, sha256=sha256 is not None)
+        for kind, wanted, found in (("xxh3_64", xxh3_64, got), ("sha256", sha256, got_sha256)):
+            if wanted is not None and found != wanted:
+                raise ChecksumError(
+                    f"checksum mismatch for {dest.name} downloaded from {url}: expected {kind} "
+                    f"{wanted}, got {found}; the file was discarded",
+                    dest,
+                    wanted,
+                    found or "",
+                )
     return dest

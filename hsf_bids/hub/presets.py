@@ -14,8 +14,10 @@ Format (HSF's, extended)::
     labels: {0: {name: background, abbreviation: BG}, ...}      # optional for hub files
     margins: {isotropic: [8, 8, 8], anisotropic: [16, 4, 16]}   # optional for hub files; see below
     models_path: ...                # HSF's key, accepted and ignored (see the models folder)
+    allow_http: false               # optional: accept plain http:// URLs to other hosts
     models:
-      <local file name>.onnx: {url: ..., xxh3_64: <16 lowercase hex>, size: <bytes or null>}
+      <local file name>.onnx: {url: ..., xxh3_64: <16 lowercase hex>, size: <bytes or null>,
+                               sha256: <64 lowercase hex, optional>}
     segmentation: {test_time_augmentation: true, test_time_num_aug: 20}
 
 What the pipeline does with them (none is ignored): ``contrasts`` are the contrasts the models
@@ -24,7 +26,10 @@ accept (T1w and/or T2w; an image of another contrast is skipped with a warning, 
 given (``anisotropic`` is ``[thin, thick, thin]`` as for HSF's coronal slices and is applied
 along whichever axis has the thick slices); ``labels`` must be HSF's six channels (the label
 table and volumes are fixed), so a different one is refused; ``engine`` is a hint shown by
-``hsf-bids-models``.
+``hsf-bids-models``. Downloads are held to the file's word (:mod:`hsf_bids.hub.download`):
+``size`` is a hard limit, ``sha256`` is verified as well as ``xxh3_64`` (XXH3-64 detects
+accidents, SHA-256 tampering), and a remote URL must be https unless ``allow_http`` is true
+(plain http to this machine's loopback is always accepted).
 
 Naming scheme of the shipped presets: the current models (4.0.0) have HSF's bare names
 (``bagging_accurate``, ``bagging_fast``, ``single_accurate``, ``single_fast``); presets of an
@@ -47,9 +52,9 @@ from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
-import yaml
-
-from hsf_bids.errors import EX_DATAERR, EX_NOINPUT, EX_USAGE, HsfBidsError
+from hsf_bids.errors import EX_DATAERR, EX_NOINPUT, EX_USAGE, HsfBidsError, brief
+from hsf_bids.hub.download import is_loopback
+from hsf_bids.hub.yamlfile import YamlFileError, read_yaml
 from hsf_bids.vocabulary import CA_MODES, CONTRASTS
 
 __all__ = [
@@ -73,9 +78,14 @@ __all__ = [
 DEFAULT_PRESET = "bagging_accurate"
 
 _CHECKSUM = re.compile(r"[0-9a-f]{16}")
+_SHA256 = re.compile(r"[0-9a-f]{64}")
 # A version or stem becomes a folder name: keep it to characters that are safe everywhere.
 _SAFE_FOLDER = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]*")
 _URL_SCHEMES = ("http", "https", "file")
+# Lengths beyond any real value; they also keep every message quoting one short.
+_MAX_NAME = 100
+_MAX_FILE_NAME = 255
+_MAX_URL = 2048
 
 _TOP_KEYS = {
     "name",
@@ -89,9 +99,10 @@ _TOP_KEYS = {
     "models_path",
     "models",
     "segmentation",
+    "allow_http",
 }
 _PRESET_REQUIRED = ("name", "version", "description", "contrasts", "labels", "margins")
-_MODEL_KEYS = {"url", "xxh3_64", "size"}
+_MODEL_KEYS = {"url", "xxh3_64", "size", "sha256"}
 _SEGMENTATION_KEYS = {"test_time_augmentation", "test_time_num_aug"}
 
 
@@ -118,9 +129,10 @@ class ModelFile:
     """One model file of a preset.
 
     ``name`` is the local file name (no folders), ``url`` the address as written in the YAML,
-    ``xxh3_64`` its 16-hex-digit checksum, ``size`` its size in bytes when known. ``local_path`` is
-    set when the URL is a local file (relative path or ``file://``, hub files only): that file is
-    used in place, never copied into the models folder.
+    ``xxh3_64`` its 16-hex-digit checksum, ``size`` its size in bytes when known, ``sha256`` its
+    SHA-256 when the hub file gives one. ``local_path`` is set when the URL is a local file
+    (relative path or ``file://``, hub files only): that file is used in place, never copied into
+    the models folder.
     """
 
     name: str
@@ -128,6 +140,7 @@ class ModelFile:
     xxh3_64: str
     size: int | None = None
     local_path: Path | None = None
+    sha256: str | None = None
 
 
 @dataclass(frozen=True)
@@ -174,6 +187,7 @@ class Preset:
     ``models`` lists exactly the files that take part in the ensemble, in YAML order.
     ``subfolder`` is the folder under the models folder holding its downloaded files.
     ``source`` is the YAML it was read from; ``builtin`` tells a shipped preset from a hub file.
+    ``allow_http``: the file accepts plain http URLs to hosts other than the loopback.
     """
 
     name: str
@@ -190,6 +204,7 @@ class Preset:
     source: Path
     subfolder: str
     builtin: bool = field(default=True)
+    allow_http: bool = False
 
     @property
     def n_inputs_per_model(self) -> int:
@@ -211,12 +226,14 @@ def load_preset(name: str) -> Preset:
     names = list_presets()
     if name not in names:
         raise UnknownPresetError(
-            f"unknown preset {name!r}; choose one of: {', '.join(names)} (or give --hub FILE)"
+            f"unknown preset {brief(name)}; choose one of: {', '.join(names)} (or give --hub FILE)"
         )
     path = _presets_dir() / f"{name}.yaml"
     preset = _parse(_read_yaml(path), path, builtin=True)
     if preset.name != name:
-        raise HubError(f"{path}: 'name' is {preset.name!r} but the file is named {name!r}")
+        raise HubError(
+            f"{path}: 'name' is {brief(preset.name)} but the file is named {brief(name)}"
+        )
     return preset
 
 
@@ -257,43 +274,49 @@ def hub_subfolder(path: Path) -> str:
 
 def _read_yaml(path: Path) -> dict[str, Any]:
     try:
-        text = path.read_text(encoding="utf-8")
+        data = read_yaml(path)
     except OSError as exc:
         raise HubNotFoundError(f"cannot read hub file {path}: {exc.strerror or exc}") from exc
-    except UnicodeDecodeError as exc:
-        raise HubError(f"{path}: not a UTF-8 text file ({exc})") from exc
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        raise HubError(f"{path}: not valid YAML: {exc}") from exc
+    except YamlFileError as exc:
+        raise HubError(f"{path}: {exc}") from exc
     if not isinstance(data, dict):
         raise HubError(f"{path}: expected a YAML mapping with 'ca_mode', 'models', 'segmentation'")
     return data
+
+
+def _names(keys: Any) -> str:
+    """Keys of a mapping as a message lists them: each cut short, at most ten."""
+    keys = sorted(brief(k, quote=False) for k in keys)
+    return ", ".join(keys[:10]) + (f" and {len(keys) - 10} more" if len(keys) > 10 else "")
 
 
 def _parse(data: dict[str, Any], path: Path, *, builtin: bool) -> Preset:
     def fail(msg: str) -> HubError:
         return HubError(f"{'preset' if builtin else 'hub file'} {path}: {msg}")
 
-    unknown = sorted(str(k) for k in set(data) - _TOP_KEYS)
+    unknown = set(data) - _TOP_KEYS
     if unknown:
-        raise fail(f"unknown key(s) {', '.join(unknown)}; allowed: {', '.join(sorted(_TOP_KEYS))}")
+        raise fail(f"unknown key(s) {_names(unknown)}; allowed: {', '.join(sorted(_TOP_KEYS))}")
     required = ("ca_mode", "models", "segmentation") + (_PRESET_REQUIRED if builtin else ())
     missing = [k for k in required if k not in data]
     if missing:
         raise fail(f"missing key(s) {', '.join(missing)}")
 
     name = data.get("name", path.stem)
-    if not isinstance(name, str) or not name.strip():
-        raise fail("'name' must be a non-empty string")
+    if not isinstance(name, str) or not name.strip() or len(name) > _MAX_NAME:
+        raise fail(f"'name' must be a non-empty string of at most {_MAX_NAME} characters")
 
     version = data.get("version")
     if version is not None:
         version = str(version) if isinstance(version, (int, float)) else version
-        if not isinstance(version, str) or not _SAFE_FOLDER.fullmatch(version):
+        if (
+            not isinstance(version, str)
+            or len(version) > _MAX_NAME
+            or not _SAFE_FOLDER.fullmatch(version)
+        ):
             raise fail(
-                f"'version' {data.get('version')!r} must be a plain folder name such as \"4.0.0\" "
-                "(letters, digits, '.', '_', '+', '-')"
+                f"'version' {brief(data.get('version'))} must be a plain folder name such as "
+                "\"4.0.0\" (letters, digits, '.', '_', '+', '-')"
             )
 
     description = data.get("description") or ""
@@ -305,7 +328,7 @@ def _parse(data: dict[str, Any], path: Path, *, builtin: bool) -> Preset:
         ca_mode = str(ca_mode)  # YAML reads an unquoted 123 as a number
     if ca_mode not in CA_MODES:
         raise fail(
-            f"unknown ca_mode {data['ca_mode']!r}; valid: "
+            f"unknown ca_mode {brief(data['ca_mode'])}; valid: "
             + ", ".join(repr(m) for m in CA_MODES)
             + ' (quote it in YAML: ca_mode: "1/2/3")'
         )
@@ -325,10 +348,13 @@ def _parse(data: dict[str, Any], path: Path, *, builtin: bool) -> Preset:
     if unsupported:
         raise fail(
             f"contrasts: hsf_bids segments {' and '.join(CONTRASTS)} images only, not "
-            f"{', '.join(unsupported)}"
+            f"{_names(unsupported)}"
         )
 
-    models = _parse_models(data["models"], path, fail, builtin=builtin)
+    allow_http = data.get("allow_http", False)
+    if not isinstance(allow_http, bool):
+        raise fail(f"'allow_http' must be true or false, not {brief(allow_http)}")
+    models = _parse_models(data["models"], path, fail, builtin=builtin, allow_http=allow_http)
     tta, n_aug = _parse_segmentation(data["segmentation"], fail)
     labels = _parse_labels(data["labels"], fail) if "labels" in data else DEFAULT_LABELS
     margins = _parse_margins(data["margins"], fail) if "margins" in data else DEFAULT_MARGINS
@@ -355,12 +381,16 @@ def _parse(data: dict[str, Any], path: Path, *, builtin: bool) -> Preset:
         source=path,
         subfolder=subfolder,
         builtin=builtin,
+        allow_http=allow_http,
     )
 
 
 def _check_file_name(name: Any, fail: Callable[[str], HubError]) -> str:
-    if not isinstance(name, str) or not name:
-        raise fail(f"model file name {name!r} must be a non-empty string")
+    if not isinstance(name, str) or not name or len(name) > _MAX_FILE_NAME:
+        raise fail(
+            f"model file name {brief(name)} must be a non-empty string of at most "
+            f"{_MAX_FILE_NAME} characters"
+        )
     posix, windows = PurePosixPath(name), PureWindowsPath(name)
     if (
         posix.is_absolute()
@@ -373,28 +403,36 @@ def _check_file_name(name: Any, fail: Callable[[str], HubError]) -> str:
         or "\x00" in name
     ):
         raise fail(
-            f"model file name {name!r} must be a bare file name (no folder, no '..', not absolute, "
-            "not hidden); it names the file inside the models folder"
+            f"model file name {brief(name)} must be a bare file name (no folder, no '..', not "
+            "absolute, not hidden); it names the file inside the models folder"
         )
     if not name.endswith(".onnx") or name == ".onnx":
-        raise fail(f"model file name {name!r} must end with '.onnx'")
+        raise fail(f"model file name {brief(name)} must end with '.onnx'")
     return name
 
 
-def _resolve_url(url: str, path: Path, fail: Callable[[str], HubError]) -> Path | None:
-    """Local path of a hub URL, or None for http(s). Refuses other schemes."""
+def _resolve_url(
+    url: str, path: Path, fail: Callable[[str], HubError], *, allow_http: bool = False
+) -> Path | None:
+    """Local path of a hub URL, or None for http(s). Refuses other schemes, and plain http to a
+    host other than the loopback unless ``allow_http``."""
     parts = urlsplit(url)
     scheme = parts.scheme.lower()
     # A one-letter "scheme" is a Windows drive (C:\...), i.e. an absolute path.
     if scheme and len(scheme) > 1:
         if scheme not in _URL_SCHEMES:
             raise fail(
-                f"URL {url!r}: scheme {scheme!r} is not supported; use http, https, file or a "
-                "path relative to the hub file"
+                f"URL {brief(url)}: scheme {brief(scheme)} is not supported; use http, https, "
+                "file or a path relative to the hub file"
             )
         if scheme != "file":
             if not parts.netloc:
-                raise fail(f"URL {url!r} has no host")
+                raise fail(f"URL {brief(url)} has no host")
+            if scheme == "http" and not allow_http and not is_loopback(parts.hostname):
+                raise fail(
+                    f"URL {brief(url)} uses plain http, which anyone on the network path can "
+                    "alter; use https, or set 'allow_http: true' in the hub file"
+                )
             return None
         # file:///abs/x.onnx is absolute; file:x.onnx and file://x.onnx are relative to the YAML.
         if parts.netloc in ("", "localhost"):
@@ -402,20 +440,20 @@ def _resolve_url(url: str, path: Path, fail: Callable[[str], HubError]) -> Path 
         else:
             local = unquote(parts.netloc + parts.path)
         if not local:
-            raise fail(f"URL {url!r} names no file")
+            raise fail(f"URL {brief(url)} names no file")
         local_path = Path(local)
     else:
         local_path = Path(url)
         if local_path.is_absolute() or PureWindowsPath(url).is_absolute() or len(scheme) == 1:
             raise fail(
-                f"URL {url!r} is an absolute path; write it as file://{url} or as a path "
+                f"URL {brief(url)} is an absolute path; write it as file://... or as a path "
                 "relative to the hub file"
             )
     return local_path if local_path.is_absolute() else path.parent / local_path
 
 
 def _parse_models(
-    raw: Any, path: Path, fail: Callable[[str], HubError], *, builtin: bool
+    raw: Any, path: Path, fail: Callable[[str], HubError], *, builtin: bool, allow_http: bool
 ) -> tuple[ModelFile, ...]:
     if not isinstance(raw, dict) or not raw:
         raise fail("'models' must be a non-empty mapping of file name -> {url, xxh3_64}")
@@ -424,26 +462,38 @@ def _parse_models(
         name = _check_file_name(name, fail)
         if not isinstance(entry, dict):
             raise fail(f"model {name}: expected a mapping with 'url' and 'xxh3_64'")
-        unknown = sorted(str(k) for k in set(entry) - _MODEL_KEYS)
+        unknown = set(entry) - _MODEL_KEYS
         if unknown:
-            raise fail(f"model {name}: unknown key(s) {', '.join(unknown)}")
+            raise fail(f"model {name}: unknown key(s) {_names(unknown)}")
         missing = [k for k in ("url", "xxh3_64") if k not in entry]
         if missing:
             raise fail(f"model {name}: missing key(s) {', '.join(missing)}")
         url, checksum, size = entry["url"], entry["xxh3_64"], entry.get("size")
-        if not isinstance(url, str) or not url.strip():
-            raise fail(f"model {name}: 'url' must be a non-empty string")
+        if not isinstance(url, str) or not url.strip() or len(url) > _MAX_URL:
+            raise fail(
+                f"model {name}: 'url' must be a non-empty string of at most {_MAX_URL} characters"
+            )
         url = url.strip()
         if not isinstance(checksum, str) or not _CHECKSUM.fullmatch(checksum):
             raise fail(
-                f"model {name}: xxh3_64 {checksum!r} is not 16 lowercase hexadecimal characters"
+                f"model {name}: xxh3_64 {brief(checksum)} is not 16 lowercase hexadecimal "
+                "characters"
             )
         if size is not None and (not isinstance(size, int) or isinstance(size, bool) or size < 0):
-            raise fail(f"model {name}: 'size' must be a number of bytes or null, not {size!r}")
-        local = _resolve_url(url, path, fail)
+            raise fail(f"model {name}: 'size' must be a number of bytes or null, not {brief(size)}")
+        sha256 = entry.get("sha256")
+        if sha256 is not None and (not isinstance(sha256, str) or not _SHA256.fullmatch(sha256)):
+            raise fail(
+                f"model {name}: sha256 {brief(sha256)} is not 64 lowercase hexadecimal characters"
+            )
+        local = _resolve_url(url, path, fail, allow_http=allow_http)
         if builtin and local is not None:
-            raise fail(f"model {name}: shipped presets must use http(s) URLs, not {url!r}")
-        models.append(ModelFile(name=name, url=url, xxh3_64=checksum, size=size, local_path=local))
+            raise fail(f"model {name}: shipped presets must use http(s) URLs, not {brief(url)}")
+        models.append(
+            ModelFile(
+                name=name, url=url, xxh3_64=checksum, size=size, local_path=local, sha256=sha256
+            )
+        )
     return tuple(models)
 
 
@@ -452,17 +502,17 @@ def _parse_segmentation(raw: Any, fail: Callable[[str], HubError]) -> tuple[bool
         raise fail(
             "'segmentation' must be a mapping with test_time_augmentation and test_time_num_aug"
         )
-    unknown = sorted(str(k) for k in set(raw) - _SEGMENTATION_KEYS)
+    unknown = set(raw) - _SEGMENTATION_KEYS
     if unknown:
-        raise fail(f"segmentation: unknown key(s) {', '.join(unknown)}")
+        raise fail(f"segmentation: unknown key(s) {_names(unknown)}")
     missing = [k for k in sorted(_SEGMENTATION_KEYS) if k not in raw]
     if missing:
         raise fail(f"segmentation: missing key(s) {', '.join(missing)}")
     tta, n_aug = raw["test_time_augmentation"], raw["test_time_num_aug"]
     if not isinstance(tta, bool):
-        raise fail(f"segmentation: test_time_augmentation must be true or false, not {tta!r}")
+        raise fail(f"segmentation: test_time_augmentation must be true or false, not {brief(tta)}")
     if not isinstance(n_aug, int) or isinstance(n_aug, bool) or n_aug < 0:
-        raise fail(f"segmentation: test_time_num_aug must be an integer >= 0, not {n_aug!r}")
+        raise fail(f"segmentation: test_time_num_aug must be an integer >= 0, not {brief(n_aug)}")
     if tta and n_aug == 0:
         raise fail("segmentation: test_time_augmentation is true but test_time_num_aug is 0")
     return tta, n_aug
@@ -479,7 +529,9 @@ def _parse_labels(raw: Any, fail: Callable[[str], HubError]) -> tuple[Label, ...
             or set(entry) != {"name", "abbreviation"}
             or not all(isinstance(v, str) and v for v in entry.values())
         ):
-            raise fail(f"labels: entry {index!r} must be <index>: {{name: ..., abbreviation: ...}}")
+            raise fail(
+                f"labels: entry {brief(index)} must be <index>: {{name: ..., abbreviation: ...}}"
+            )
         labels.append(Label(index, entry["name"], entry["abbreviation"]))
     labels.sort(key=lambda lab: lab.index)
     if [lab.index for lab in labels] != list(range(len(labels))):
@@ -531,7 +583,7 @@ def _check_no_clash_with_builtin(hub: Preset) -> None:
     for model in hub.models:
         if model.local_path is None and shipped.get(model.name, model.xxh3_64) != model.xxh3_64:
             raise HubError(
-                f"hub file {hub.source}: model {model.name} with version {hub.version!r} would "
-                f"overwrite the shipped model of that name (xxh3_64 {shipped[model.name]}); "
+                f"hub file {hub.source}: model {model.name} with version {brief(hub.version)} "
+                f"would overwrite the shipped model of that name (xxh3_64 {shipped[model.name]}); "
                 "rename the file or change or drop 'version'"
             )

@@ -16,6 +16,7 @@ from nipype.interfaces.base import (
     File,
     SimpleInterface,
     TraitedSpec,
+    isdefined,
     traits,
 )
 
@@ -106,6 +107,7 @@ class _SegmentSideInput(BaseInterfaceInputSpec):
 class _SegmentSideOutput(TraitedSpec):
     labels = File(exists=True, desc="labels of the crop (ca_mode labels)")
     uncertainty = File(exists=True, desc="entropy of the mean probability in the crop")
+    predictions = File(exists=True, desc="label counts of every prediction (JSON)")
 
 
 class SegmentSide(_StageInterface):
@@ -115,10 +117,10 @@ class SegmentSide(_StageInterface):
     output_spec = _SegmentSideOutput
 
     def _run_stage(self, i: Any, cwd: str) -> _Paths:
-        labels, uncertainty = stages.segment_side(
+        labels, uncertainty, predictions = stages.segment_side(
             i.in_files, i.localisation, i.side, cwd, _settings(i)
         )
-        return {"labels": labels, "uncertainty": uncertainty}
+        return {"labels": labels, "uncertainty": uncertainty, "predictions": predictions}
 
 
 class _PasteBackInput(BaseInterfaceInputSpec):
@@ -156,8 +158,11 @@ class _DerivativesInput(BaseInterfaceInputSpec):
     dseg = File(exists=True, mandatory=True)
     uncertainty = File(exists=True, mandatory=True)
     localisation = File(exists=True, mandatory=True)
+    right_predictions = File(exists=True, mandatory=True, desc="SegmentSide's label counts")
+    left_predictions = File(exists=True, mandatory=True, desc="SegmentSide's label counts")
     source_file = File(exists=True, mandatory=True, desc="the input image (names the outputs)")
     sources = traits.List(traits.Str, mandatory=True, desc="BIDS URIs of every input image")
+    secondary_file = File(exists=True, desc="the second contrast fused in, if any")
     output_dir = traits.Str(mandatory=True)
     contrast = traits.Str(mandatory=True, desc="T1w, T2w or T1w+T2w")
     settings = _settings_input()
@@ -186,6 +191,8 @@ class WriteDerivatives(_StageInterface):
             contrast=i.contrast,
             settings=_settings(i),
             out_dir=cwd,
+            predictions={"right": i.right_predictions, "left": i.left_predictions},
+            secondary_file=i.secondary_file if isdefined(i.secondary_file) else None,
         )
         return {
             "out_dseg": written["dseg"],

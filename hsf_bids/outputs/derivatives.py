@@ -22,9 +22,11 @@ same shared file with identical content leave it valid.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
+import stat
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, fields, replace
@@ -53,6 +55,7 @@ __all__ = [
     "ForeignDerivativesError",
     "GridError",
     "OutputWriteError",
+    "UnsafeOutputError",
     "bids_uri",
     "dataset_description",
     "derivative_name",
@@ -62,6 +65,7 @@ __all__ = [
     "dseg_sidecar",
     "image_on_grid",
     "lut_path",
+    "read_output_text",
     "sidecar_path",
     "uncertainty_path",
     "uncertainty_sidecar",
@@ -114,6 +118,11 @@ class OutputWriteError(DerivativesError):
     def __init__(self, path: Path, reason: str) -> None:
         super().__init__(f"could not write {path}: {reason}")
         self.path = path
+
+
+class UnsafeOutputError(DerivativesError):
+    """A file the package reads back from its output folder is a symbolic link, not a regular
+    file, or far larger than anything the package writes there."""
 
 
 class EntitiesError(ValueError):
@@ -454,6 +463,58 @@ def write_text(text: str, path: str | PathLike[str]) -> Path:
 
 
 # ---------------------------------------------------------------------------------------------
+# Reading back
+
+
+# The files read back (shared top-level files, sidecars) are a few kilobytes.
+MAX_READ_BACK_BYTES = 1 << 20
+
+
+def read_output_text(
+    path: str | PathLike[str], *, max_bytes: int = MAX_READ_BACK_BYTES
+) -> str | None:
+    """The text of a file of the output folder that the package reads back, or None if absent.
+
+    Anyone who can write to the output folder could plant a symbolic link where the package reads
+    (a link to another user's file would be copied into the outputs, one to ``/dev/zero`` would
+    exhaust the memory), so the file is opened without following a link in its last component
+    and must be a regular UTF-8 file of at most ``max_bytes``; otherwise
+    :class:`UnsafeOutputError` (73) says what to remove. Writes need no such care: they replace
+    a link itself, never its target (:mod:`hsf_bids.atomic`).
+    """
+    path = Path(path)
+    flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0)
+    try:
+        fd = os.open(path, flags)
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise UnsafeOutputError(
+                f"{path} is a symbolic link; hsf_bids never follows links in its output folder "
+                "(it would read or replace the link's target): remove the link and run again"
+            ) from None
+        raise UnsafeOutputError(f"cannot read {path}: {exc.strerror or exc}") from exc
+    with os.fdopen(fd, "rb") as fh:
+        info = os.fstat(fh.fileno())
+        if not stat.S_ISREG(info.st_mode):
+            raise UnsafeOutputError(
+                f"{path} is not a regular file; remove it and run again (hsf_bids writes a "
+                "regular file there)"
+            )
+        data = fh.read(max_bytes + 1)
+    if len(data) > max_bytes:
+        raise UnsafeOutputError(
+            f"{path} is larger than {max_bytes} bytes, far more than hsf_bids writes there; "
+            "remove it and run again"
+        )
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise UnsafeOutputError(f"{path} is not UTF-8 text ({exc.reason}); remove it") from exc
+
+
+# ---------------------------------------------------------------------------------------------
 # Shared top-level files
 
 
@@ -533,9 +594,10 @@ def write_dataset_description(
         version=version, source_dataset=source_dataset, container=container
     )
     message = None
-    if path.exists():
+    text = read_output_text(path)
+    if text is not None:
         try:
-            existing = json.loads(path.read_text(encoding="utf-8"))
+            existing = json.loads(text)
             generators = existing.get("GeneratedBy") or [{}]
             name, old_version = generators[0].get("Name"), generators[0].get("Version")
             old_link = (existing.get("DatasetLinks") or {}).get("raw")
@@ -559,7 +621,7 @@ def write_dataset_description(
                     f"{path.parent} held outputs derived from {old_link}; these are derived "
                     f"from {new_link}"
                 )
-        if message is None and path.read_text(encoding="utf-8") == _json_text(content):
+        if message is None and text == _json_text(content):
             return None
     write_json(content, path)
     return message
@@ -574,9 +636,10 @@ def write_bidsignore(output_dir: str | PathLike[str], extra: Sequence[str] = ())
     """
     path = Path(output_dir) / ".bidsignore"
     ours = [*BIDSIGNORE_PATTERNS, *extra]
-    existing = path.read_text(encoding="utf-8").splitlines() if path.exists() else []
+    text = read_output_text(path)
+    existing = text.splitlines() if text is not None else []
     lines = existing + [p for p in ours if p not in existing]
-    if lines != existing or not path.exists():
+    if lines != existing or text is None:
         write_text("\n".join(lines) + "\n", path)
     return path
 
@@ -590,6 +653,7 @@ def dseg_sidecar(
     sources: Sequence[str],
     provenance: Mapping[str, Any],
     spatial_reference: str | None = None,
+    model_volumes: Sequence[Mapping[str, Any]] | None = None,
 ) -> dict[str, Any]:
     """JSON sidecar of a bilateral ``desc-subfields_dseg``.
 
@@ -597,11 +661,12 @@ def dseg_sidecar(
     the first being the image whose grid the segmentation is on; ``spatial_reference`` defaults to
     it. ``provenance`` is a plain mapping (preset name and version, ca_mode, model files with
     their XXH3-64, engine, precision, device, seed, fusion, test-time augmentation, margins and
-    boxes) stored as is under ``"Provenance"``.
+    boxes) stored as is under ``"Provenance"``. ``model_volumes``: each model's own volumes
+    (:func:`hsf_bids.outputs.volumes.model_volumes`), stored under ``"EnsembleVolumes"``.
     """
     if not sources:
         raise ValueError("a derivative needs at least one source")
-    return {
+    sidecar = {
         "Description": (
             "Bilateral hippocampal subfield segmentation (Hippocampal Segmentation Factory models) "
             "on the grid of the source image. Left structures keep the model label, right ones "
@@ -611,6 +676,20 @@ def dseg_sidecar(
         "SpatialReference": spatial_reference or sources[0],
         "Provenance": dict(provenance),
     }
+    if model_volumes is not None:
+        sidecar["EnsembleVolumes"] = {
+            "Description": (
+                "Each model's own volumes (mm^3) per side and structure (HC: whole hippocampus): "
+                "MeanVolume and SDVolume (n - 1 denominator; null for one prediction) over that "
+                "model's NumPredictions predictions per side (the original image and its "
+                "test-time augmented copies), each prediction's argmax voxels counted after "
+                "mapping back and ca_mode merging. A model far from the others disagrees with "
+                "the ensemble; the volumes table's spread columns pool every model."
+            ),
+            "Units": "mm^3",
+            "Models": [dict(m) for m in model_volumes],
+        }
+    return sidecar
 
 
 def uncertainty_sidecar(
@@ -645,11 +724,13 @@ def write_segmentation(
     *,
     sources: Sequence[str],
     provenance: Mapping[str, Any],
+    model_volumes: Sequence[Mapping[str, Any]] | None = None,
 ) -> dict[str, Path]:
     """Write the bilateral dseg and the uncertainty map of one image, with their sidecars.
 
     ``labels`` (bilateral indices, integers) and ``uncertainty`` are arrays on the grid of
-    ``reference`` (the source image, in its own voxel order). Returns the written paths under
+    ``reference`` (the source image, in its own voxel order); ``model_volumes`` goes into the
+    dseg sidecar (see :func:`dseg_sidecar`). Returns the written paths under
     the keys ``dseg``, ``dseg_json``, ``uncertainty``, ``uncertainty_json``.
     """
     if not np.issubdtype(labels.dtype, np.integer):
@@ -661,7 +742,8 @@ def write_segmentation(
     # Sidecars first: an image under its final name then always has its sidecar.
     written = {
         "dseg_json": write_json(
-            dseg_sidecar(sources=sources, provenance=provenance), sidecar_path(dseg)
+            dseg_sidecar(sources=sources, provenance=provenance, model_volumes=model_volumes),
+            sidecar_path(dseg),
         ),
         "uncertainty_json": write_json(
             uncertainty_sidecar(sources=sources, provenance=provenance), sidecar_path(unc)

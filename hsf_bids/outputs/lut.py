@@ -5,13 +5,14 @@ and indices).
 
 from __future__ import annotations
 
+import io
 from os import PathLike
 from pathlib import Path
 
 import pandas as pd
 
 from hsf_bids.errors import EX_CANTCREAT, HsfBidsError
-from hsf_bids.outputs.derivatives import write_tsv
+from hsf_bids.outputs.derivatives import read_output_text, write_tsv
 from hsf_bids.vocabulary import SIDES_BY_INDEX, WHOLE_HIPPOCAMPUS, bilateral_index, structures
 
 __all__ = ["LutConflictError", "lookup_table", "write_lut"]
@@ -77,9 +78,10 @@ def write_lut(path: str | PathLike[str], ca_mode: str, *, overwrite: bool = Fals
     """
     path = Path(path)
     table = lookup_table(ca_mode)
-    if not overwrite and path.exists():
+    text = None if overwrite else read_output_text(path)
+    if text is not None:
         try:
-            existing = pd.read_csv(path, sep="\t", dtype=str, keep_default_na=False)
+            existing = pd.read_csv(io.StringIO(text), sep="\t", dtype=str, keep_default_na=False)
         except (OSError, ValueError, pd.errors.ParserError) as exc:
             raise LutConflictError(
                 f"{path}: cannot read the existing look-up table ({exc})"

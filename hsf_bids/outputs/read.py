@@ -8,6 +8,7 @@ Layout: ``sub-<label>/[ses-<label>/]anat/<name>`` (:func:`.derivatives.derivativ
 
 from __future__ import annotations
 
+import errno
 import json
 from collections.abc import Sequence
 from os import PathLike
@@ -20,6 +21,7 @@ from hsf_bids.outputs.derivatives import (
     UNCERTAINTY_SUFFIX,
     Entities,
     dseg_path,
+    read_output_text,
     sidecar_path,
 )
 
@@ -114,8 +116,12 @@ def has_volumes(output_dir: str | PathLike[str], subject: str) -> bool:
 
 
 def read_sidecar(path: str | PathLike[str]) -> dict[str, Any]:
-    """A JSON sidecar as a dict (OSError or ValueError when it cannot be read)."""
-    data = json.loads(Path(path).read_text(encoding="utf-8"))
+    """A JSON sidecar as a dict (OSError or ValueError when it cannot be read;
+    :class:`~hsf_bids.outputs.UnsafeOutputError` for a link or an oversized file)."""
+    text = read_output_text(path)
+    if text is None:
+        raise FileNotFoundError(errno.ENOENT, "no such file", str(path))
+    data = json.loads(text)
     if not isinstance(data, dict):
         raise ValueError(f"{path}: expected a JSON object")
     return data

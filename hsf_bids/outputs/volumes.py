@@ -3,12 +3,19 @@
 Volumes are voxel counts times the voxel volume of the grid the labels are on (no resampling), so
 they are exact for the segmentation as written. The table has one row per side and structure of the
 ``ca_mode`` (zero-volume structures included) plus a whole-hippocampus row per side.
+
+Ensemble spread: the ensemble records, for each of its predictions (model x input copy), how many
+voxels each label has in that prediction alone (``CropSegmentation.prediction_counts``). Times the
+voxel volume those are the structure's volume in each prediction; their standard deviation and 5th
+and 95th percentiles (:func:`spread`) measure how much the ensemble disagrees with itself about the
+volume. They are not a confidence interval for the true anatomy: models trained alike can agree
+on the same error.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from os import PathLike
 from pathlib import Path
 
@@ -35,11 +42,18 @@ from hsf_bids.vocabulary import (
 __all__ = [
     "COLUMNS",
     "MIN_PLAUSIBLE_HC_MM3",
+    "NONFINITE_INPUT",
+    "QC_FLAGS",
+    "SPREAD_COLUMNS",
     "TEMPLATE_BRAIN_MM3",
     "WHOLE_HIPPOCAMPUS",
     "LabelsError",
     "compute_volumes",
+    "describe_qc_flags",
+    "read_qc_flags",
     "estimate_icv_mm3",
+    "model_volumes",
+    "spread",
     "template_brain_volume_mm3",
     "voxel_volume_mm3",
     "volumes_sidecar",
@@ -71,10 +85,35 @@ COLUMNS: tuple[str, ...] = (
     "label",
     "n_voxels",
     "volume_mm3",
+    "volume_sd_mm3",
+    "volume_p05_mm3",
+    "volume_p95_mm3",
+    "n_predictions",
     "mean_uncertainty",
     "icv_mm3",
     "localisation_ok",
+    "qc_flags",
 )
+
+#: The columns :func:`spread` fills, in table order.
+SPREAD_COLUMNS: tuple[str, ...] = ("volume_sd_mm3", "volume_p05_mm3", "volume_p95_mm3")
+SPREAD_PERCENTILES = (5.0, 95.0)
+
+# What the participant level found wrong with an image's results, for the ``qc_flags`` column
+# ("; "-separated; n/a when none): a fixed vocabulary, so tables can be filtered.
+NONFINITE_INPUT = "nonfinite_input"
+QC_FLAGS: dict[str, str] = {
+    NONFINITE_INPUT: "the input had NaN or infinite voxels, segmented as background (the "
+    "sidecar's Provenance.QC.nonfinite_voxels says how many)",
+    **{
+        f"{side}_HC_{kind}": f"the {side} whole hippocampus {what}"
+        for side in SIDES_BY_INDEX
+        for kind, what in (
+            ("empty", "has no voxel (nothing was segmented)"),
+            ("small", f"is under {MIN_PLAUSIBLE_HC_MM3:g} mm^3 (implausibly small)"),
+        )
+    },
+}
 
 _R_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_]*$")
 
@@ -123,6 +162,80 @@ def estimate_icv_mm3(template_to_subject: np.ndarray) -> float:
     return TEMPLATE_BRAIN_MM3 * det
 
 
+def spread(volumes: np.ndarray) -> dict[str, float | int | None]:
+    """The spread of one structure's volumes over the ensemble's predictions.
+
+    ``volumes``: the structure's volume (mm3) in each prediction. Returns the sample standard
+    deviation (``ddof=1``), the 5th and 95th percentiles (linear interpolation between order
+    statistics: numpy's default, R's ``quantile`` type 7) and their number. With fewer than two
+    predictions there is no spread: the three statistics are None (``n/a``), not 0.
+    """
+    values = np.asarray(volumes, dtype=np.float64).ravel()
+    out: dict[str, float | int | None] = dict.fromkeys(SPREAD_COLUMNS)
+    out["n_predictions"] = int(values.size) if values.size else None
+    if values.size >= 2:
+        p05, p95 = np.percentile(values, SPREAD_PERCENTILES)
+        out.update(volume_sd_mm3=float(np.std(values, ddof=1)), volume_p05_mm3=float(p05),
+                   volume_p95_mm3=float(p95))  # fmt: skip
+    return out
+
+
+def _structure_volumes(
+    counts: np.ndarray, ca_mode: str, voxel_volume: float
+) -> dict[str, np.ndarray]:
+    """Each structure's (and the whole hippocampus') volume in each prediction of ``counts``
+    (``[..., labels]``, background first), flattened over the leading axes."""
+    structs = structures(ca_mode)
+    counts = np.asarray(counts)
+    if counts.ndim < 1 or counts.shape[-1] != len(structs) + 1:
+        raise ValueError(
+            f"prediction counts of shape {counts.shape} do not have the {len(structs) + 1} labels "
+            f"of ca_mode {ca_mode!r}"
+        )
+    flat = counts.reshape(-1, counts.shape[-1]).astype(np.float64) * voxel_volume
+    out = {s.abbreviation: flat[:, s.label] for s in structs}
+    if len(structs) > 1:
+        out[WHOLE_HIPPOCAMPUS] = flat[:, 1:].sum(axis=1)
+    return out
+
+
+def model_volumes(
+    counts: Mapping[str, np.ndarray],
+    ca_mode: str,
+    voxel_volume: float,
+    models: Sequence[str],
+) -> list[dict[str, object]]:
+    """Each model's own volumes, for the segmentation's sidecar: per side and structure, the
+    mean and standard deviation over that model's predictions (its input copies).
+
+    ``counts``: side -> ``[inputs, copies, models, labels]`` (``prediction_counts``);
+    ``models``: the models' names, in the ensemble's order.
+    """
+    entries = []
+    for number, name in enumerate(models):
+        means: dict[str, dict[str, float]] = {}
+        sds: dict[str, dict[str, float | None]] = {}
+        n = 0
+        for side in SIDES_BY_INDEX:
+            if side not in counts:
+                continue
+            side_counts = np.asarray(counts[side])
+            if side_counts.ndim != 4 or side_counts.shape[2] != len(models):
+                raise ValueError(
+                    f"{side} prediction counts of shape {side_counts.shape} are not "
+                    f"[inputs, copies, {len(models)} models, labels]"
+                )
+            volumes = _structure_volumes(side_counts[:, :, number], ca_mode, voxel_volume)
+            n = next(iter(volumes.values())).size
+            means[side] = {k: round(float(v.mean()), 4) for k, v in volumes.items()}
+            sds[side] = {
+                k: round(float(v.std(ddof=1)), 4) if v.size >= 2 else None
+                for k, v in volumes.items()
+            }
+        entries.append({"File": name, "NumPredictions": n, "MeanVolume": means, "SDVolume": sds})
+    return entries
+
+
 def compute_volumes(
     labels: np.ndarray,
     uncertainty: np.ndarray,
@@ -133,6 +246,8 @@ def compute_volumes(
     contrast: str | None = None,
     icv_mm3: float | None = None,
     localisation_ok: bool | None = None,
+    predictions: Mapping[str, np.ndarray] | None = None,
+    nonfinite_voxels: int = 0,
 ) -> pd.DataFrame:
     """Volumes of every side and structure of ``ca_mode`` in a bilateral segmentation.
 
@@ -141,12 +256,21 @@ def compute_volumes(
     4x4 affine or its voxel volume in mm3; ``entities``: the source image's entities;
     ``contrast`` overrides ``entities.contrast`` (e.g. ``"T1w+T2w"`` for a fused run);
     ``icv_mm3``: :func:`estimate_icv_mm3` of the run, or None; ``localisation_ok``: the
-    localisation QC verdict of the image, or None.
+    localisation QC verdict of the image, or None; ``predictions``: side -> the label counts of
+    every prediction of the ensemble on that side (``[..., labels]``, background first; see
+    ``CropSegmentation.prediction_counts``), on a grid of the same voxel volume, or None;
+    ``nonfinite_voxels``: how many input voxels were NaN or infinite
+    (:func:`hsf_bids.image.nonfinite_voxels`).
+
+    ``qc_flags`` (the same on every row) names what is wrong with the image's results, from
+    :data:`QC_FLAGS`: NaN input voxels, and each side's whole hippocampus empty or under
+    :data:`MIN_PLAUSIBLE_HC_MM3`.
 
     Returns a DataFrame with :data:`COLUMNS`: per side one row per structure (zero-volume ones
     included) then a whole-hippocampus row (``structure`` ``HC``, ``label`` missing) unless the
     ``ca_mode`` is the whole hippocampus already. ``mean_uncertainty`` is the mean entropy inside
-    the label (missing when the label is empty).
+    the label (missing when the label is empty). The spread columns (:func:`spread`) come from
+    ``predictions``; missing without them.
     """
     structs = structures(ca_mode)
     labels = np.asarray(labels)
@@ -196,7 +320,13 @@ def compute_volumes(
         "localisation_ok": localisation_ok,
     }
 
+    per_prediction = {
+        side: _structure_volumes(counts, ca_mode, voxel_volume)
+        for side, counts in (predictions or {}).items()
+    }
+
     def row(side: str, structure: str, label: int | None, n: int, total: float) -> dict:
+        volumes = per_prediction.get(side, {}).get(structure)
         return {
             **base,
             "side": side,
@@ -204,22 +334,32 @@ def compute_volumes(
             "label": label,
             "n_voxels": n,
             "volume_mm3": n * voxel_volume,
+            **spread(volumes if volumes is not None else np.empty(0)),
             "mean_uncertainty": total / n if n else None,
         }
 
     rows = []
+    flags = [NONFINITE_INPUT] if nonfinite_voxels else []
     for side in SIDES_BY_INDEX:
         indices = [bilateral_index(side, s.label) for s in structs]
         for s, index in zip(structs, indices, strict=True):
             rows.append(row(side, s.abbreviation, index, int(counts[index]), float(sums[index])))
+        n = int(counts[indices].sum())
         if len(structs) > 1:
-            n = int(counts[indices].sum())
             rows.append(row(side, WHOLE_HIPPOCAMPUS, None, n, float(sums[indices].sum())))
+        if n == 0:
+            flags.append(f"{side}_HC_empty")
+        elif n * voxel_volume < MIN_PLAUSIBLE_HC_MM3:
+            flags.append(f"{side}_HC_small")
 
     df = pd.DataFrame(rows, columns=list(COLUMNS))
+    df["qc_flags"] = "; ".join(flags) or None
     df["label"] = df["label"].astype("Int64")
+    df["n_predictions"] = df["n_predictions"].astype("Int64")
     # Rounded far below any anatomical precision, so tables stay readable and diffs stable.
-    for column, decimals in (("volume_mm3", 4), ("mean_uncertainty", 6), ("icv_mm3", 1)):
+    rounding = [("volume_mm3", 4), *((c, 4) for c in SPREAD_COLUMNS), ("mean_uncertainty", 6),
+                ("icv_mm3", 1)]  # fmt: skip
+    for column, decimals in rounding:
         df[column] = df[column].astype(float).round(decimals)
     return df
 
@@ -260,6 +400,47 @@ def volumes_sidecar() -> dict[str, dict[str, object]]:
             "Description": "n_voxels times the voxel volume of the source image grid",
             "Units": "mm^3",
         },
+        "volume_sd_mm3": {
+            "Description": (
+                "Ensemble spread of volume_mm3: the sample standard deviation (n - 1 "
+                "denominator) of this structure's volume over the n_predictions individual "
+                "predictions of the ensemble (every model on the original image and on each of "
+                "its test-time augmented copies; each prediction mapped back onto the image's "
+                "crop, merged to the ca_mode, and its argmax voxels counted times the voxel "
+                "volume; HC: the sum of the side's structures). It measures how much the "
+                "ensemble disagrees with itself, not how far volume_mm3 may be from the true "
+                "anatomy: it is not a confidence interval (models trained alike can share an "
+                "error, and it ignores scanner and protocol effects). n/a with a single "
+                "prediction (one model, no test-time augmentation). Each model's own mean and "
+                "standard deviation are in the image's desc-subfields_dseg.json "
+                "(EnsembleVolumes)"
+            ),
+            "Units": "mm^3",
+        },
+        "volume_p05_mm3": {
+            "Description": (
+                "5th percentile of the structure's volume over the n_predictions predictions "
+                "(as volume_sd_mm3; linear interpolation between order statistics, numpy's "
+                "default and R's quantile type 7). volume_mm3 is the volume of the fused "
+                "segmentation (the voxel-wise vote), not an average of the predictions' "
+                "volumes, so it can fall outside volume_p05_mm3..volume_p95_mm3 (a thin "
+                "structure the predictions place in different voxels loses voxels in the vote); "
+                "the subject report says where. n/a with a single prediction"
+            ),
+            "Units": "mm^3",
+        },
+        "volume_p95_mm3": {
+            "Description": "95th percentile of the structure's volume over the n_predictions "
+            "predictions, as volume_p05_mm3; n/a with a single prediction",
+            "Units": "mm^3",
+        },
+        "n_predictions": {
+            "Description": (
+                "Number of predictions fused for this side (input images x (1 + test-time "
+                "augmented copies) x models); the spread columns come from these. n/a when the "
+                "ensemble recorded none (outputs of an older version)"
+            )
+        },
         "mean_uncertainty": {
             "Description": (
                 "Mean voxel-wise entropy of the mean predicted probabilities inside the label "
@@ -285,7 +466,31 @@ def volumes_sidecar() -> dict[str, dict[str, object]]:
             ),
             "Levels": {"True": "passed", "False": "doubtful"},
         },
+        "qc_flags": {
+            "Description": (
+                "What the participant level found wrong with this image's results, "
+                "'; '-separated (the same on every row of the image); n/a when nothing"
+            ),
+            "Levels": dict(QC_FLAGS),
+        },
     }
+
+
+def describe_qc_flags(flags: str | None, nonfinite_voxels: int | None = None) -> str:
+    """The ``qc_flags`` of an image in words, e.g. ``"left hippocampus empty, 1200 NaN or
+    infinite input voxels"``; "" when there are none. Unknown names are kept as they are."""
+    words = []
+    for flag in [f for f in (flags or "").split("; ") if f]:
+        if flag == NONFINITE_INPUT:
+            count = f"{nonfinite_voxels} " if nonfinite_voxels else ""
+            words.append(f"{count}NaN or infinite input voxels treated as background")
+        elif flag.endswith(("_HC_empty", "_HC_small")):
+            side, _, kind = flag.split("_")
+            what = "empty" if kind == "empty" else f"under {MIN_PLAUSIBLE_HC_MM3:g} mm3"
+            words.append(f"{side} hippocampus {what}")
+        else:
+            words.append(flag)
+    return ", ".join(words)
 
 
 def write_volumes(
@@ -311,3 +516,31 @@ def write_volumes(
     write_json({c: known[c] for c in df.columns}, sidecar_path(path))
     write_tsv(df, path)
     return path
+
+
+def read_qc_flags(
+    output_dir: str | PathLike[str], subjects: Sequence[str]
+) -> dict[str, tuple[str, int | None]]:
+    """The images of ``subjects`` whose volumes tables hold ``qc_flags``: source name ->
+    (flags, NaN voxel count from the segmentation's sidecar, None when unknown). A table or
+    sidecar that cannot be read is passed over (the reports and the group level say so)."""
+    from hsf_bids.outputs.read import read_sidecar, sidecar_of_source, volumes_tables
+
+    found: dict[str, tuple[str, int | None]] = {}
+    for path in volumes_tables(output_dir, subjects):
+        try:
+            table = pd.read_csv(path, sep="\t", dtype=str, keep_default_na=False)
+        except (OSError, ValueError):
+            continue
+        if "qc_flags" not in table.columns or "source" not in table.columns:
+            continue
+        for source, flags in zip(table["source"], table["qc_flags"], strict=True):
+            if flags in ("", "n/a") or source in found:
+                continue
+            try:
+                qc = read_sidecar(sidecar_of_source(output_dir, source))["Provenance"]["QC"]
+                count = int(qc["nonfinite_voxels"])
+            except (OSError, ValueError, KeyError, TypeError):
+                count = None
+            found[source] = (flags, count)
+    return found

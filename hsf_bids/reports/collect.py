@@ -2,12 +2,15 @@
 tables, the look-up table, crash files; find the input images the outputs were made from.
 
 Nothing is recomputed; QC flags come from the sidecars' ``Provenance.Localisation`` (its
-``checks``, ``localisation_ok`` and ``warnings``), plus two consistency checks on the written
+``checks``, ``localisation_ok`` and ``warnings``) and ``Provenance.QC`` (NaN input voxels),
+plus two consistency checks on the written
 files (each side's segmentation inside its recorded box, a non-empty hippocampus on each side).
 """
 
 from __future__ import annotations
 
+import errno
+import io
 import json
 import os
 from dataclasses import dataclass, field
@@ -19,7 +22,13 @@ import pandas as pd
 
 from hsf_bids.localisation.qc import QcCheck
 from hsf_bids.logs import crash_files, crash_reason, latest_run_dir
-from hsf_bids.outputs.derivatives import Entities, lut_path, sidecar_path
+from hsf_bids.outputs.derivatives import (
+    Entities,
+    UnsafeOutputError,
+    lut_path,
+    read_output_text,
+    sidecar_path,
+)
 from hsf_bids.outputs.read import segmentations, subject_volumes_tables, uncertainty_of
 from hsf_bids.outputs.volumes import MIN_PLAUSIBLE_HC_MM3
 
@@ -30,6 +39,7 @@ __all__ = [
     "OutputsError",
     "SubjectOutputs",
     "collect_subject",
+    "outside_range",
     "read_crash",
     "read_lut",
     "resolve_source",
@@ -124,8 +134,11 @@ class SubjectOutputs:
 
 def _read_json(path: Path) -> dict[str, Any]:
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
+        text = read_output_text(path)
+        if text is None:
+            raise FileNotFoundError(errno.ENOENT, "no such file", str(path))
+        data = json.loads(text)
+    except (OSError, ValueError, UnsafeOutputError) as exc:
         raise OutputsError(f"{path}: cannot be read as JSON ({exc})") from exc
     if not isinstance(data, dict):
         raise OutputsError(f"{path}: expected a JSON object")
@@ -136,8 +149,11 @@ def read_lut(output_dir: str | os.PathLike[str]) -> pd.DataFrame:
     """The top-level look-up table (``index``, ``name``, ``abbreviation``, ``color``)."""
     path = lut_path(output_dir)
     try:
-        lut = pd.read_csv(path, sep="\t", dtype={"index": int}, keep_default_na=False)
-    except (OSError, ValueError) as exc:
+        text = read_output_text(path)
+        if text is None:
+            raise FileNotFoundError(errno.ENOENT, "no such file", str(path))
+        lut = pd.read_csv(io.StringIO(text), sep="\t", dtype={"index": int}, keep_default_na=False)
+    except (OSError, ValueError, UnsafeOutputError) as exc:
         raise OutputsError(f"{path}: cannot read the look-up table ({exc})") from exc
     missing = {"index", "name", "abbreviation", "color"} - set(lut.columns)
     if missing:
@@ -236,6 +252,47 @@ def _volume_flags(rows: list[dict[str, str]]) -> list[Flag]:
     return flags
 
 
+def _number(row: dict[str, str], column: str) -> float | None:
+    try:
+        value = float(row.get(column, "n/a"))
+    except ValueError:
+        return None
+    return value if value == value else None
+
+
+def outside_range(rows: list[dict[str, str]]) -> dict[tuple[str, str], Flag]:
+    """The rows whose volume (the vote's) lies outside the 5-95 % range of the ensemble's
+    predictions, by ``(side, structure)``, each with a note that says why that can happen."""
+    found = {}
+    for row in rows:
+        volume, low, high = (_number(row, c) for c in ("volume_mm3", "volume_p05_mm3",
+                                                        "volume_p95_mm3"))  # fmt: skip
+        if volume is None or low is None or high is None or low <= volume <= high:
+            continue
+        side, structure = row.get("side", "?"), row.get("structure", "?")
+        where = (
+            f"{side} {structure}: the vote's volume ({volume:g} mm3) is "
+            f"{'below' if volume < low else 'above'} the ensemble's 5-95 % range "
+            f"({low:g}-{high:g} mm3 over {row.get('n_predictions', '?')} predictions)"
+        )
+        if volume < low:
+            why = (
+                "the vote is taken voxel by voxel, not over volumes: where the predictions "
+                "place this structure in different voxels, each such voxel goes to the label "
+                "most of them give it, so the structure keeps only the voxels most predictions "
+                "agree on and ends up smaller than most single predictions"
+            )
+        else:
+            why = (
+                "the vote is taken voxel by voxel, not over volumes: where the predictions "
+                "split a voxel among several labels, this structure can win it without a "
+                "majority (ties go to the lower label), gaining voxels that most single "
+                "predictions give to other labels"
+            )
+        found[(side, structure)] = Flag("info", f"{where}; {why}.")
+    return found
+
+
 def collect_subject(
     output_dir: str | os.PathLike[str],
     subject: str,
@@ -285,6 +342,14 @@ def collect_subject(
     for image in images:
         image.volumes = rows_by_source.get(image.name, [])
         image.flags = _localisation_flags(image) + _volume_flags(image.volumes)
+        nonfinite = (image.provenance.get("QC") or {}).get("nonfinite_voxels")
+        if nonfinite:
+            image.flags.append(Flag(
+                "warning",
+                f"{nonfinite} voxels of the input were NaN or infinite and were segmented as "
+                "background: the volumes may be wrong",
+            ))  # fmt: skip
+        image.flags += list(outside_range(image.volumes).values())
         if image.uncertainty is None:
             image.flags.append(Flag("warning", "no uncertainty map next to the segmentation"))
         if image.source_paths[0] is None:

@@ -33,6 +33,7 @@ from hsf_bids.reports.collect import (
     OutputsError,
     SubjectOutputs,
     collect_subject,
+    outside_range,
     read_lut,
 )
 from hsf_bids.reports.figures import (
@@ -103,6 +104,8 @@ class _ImageView:
     figures: list[Figure] = field(default_factory=list)
     qc_rows: list[_QcRow] = field(default_factory=list)
     volume_rows: list[dict[str, str]] = field(default_factory=list)
+    # (side, structure) whose vote volume is outside the ensemble's 5-95 % range
+    outside_range: set[tuple[str, str]] = field(default_factory=set)
     seconds: float = 0.0
 
     @property
@@ -150,6 +153,7 @@ def _image_view(image: ImageOutputs, lut: Mapping[int, str]) -> _ImageView:
     started = time.perf_counter()
     view = _ImageView(image=image, qc_rows=_qc_rows(image.localisation))
     view.volume_rows = image.volumes
+    view.outside_range = set(outside_range(image.volumes))
     source = image.source_paths[0]
     if source is None:
         return view

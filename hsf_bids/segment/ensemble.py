@@ -9,8 +9,13 @@ merged to ``ca_mode`` and mapped back onto the crop grid, then joins one
 Speed: an augmentation's coordinate maps and interpolation weights are built once and reused
 for every model; the models' predictions for one copy are inverted with one sparse product.
 ``ca_mode`` merging is done before the inversion (both are linear, so the order does not change
-the result and fewer channels are resampled). With ``fusion="mean"`` only the mean over models
-matters, so the models' sum for one copy is inverted once (exact by linearity).
+the result and fewer channels are resampled). Every prediction is mapped back on its own whatever
+the fusion (with ``fusion="mean"`` the models' sum could be inverted once, but each prediction's
+own argmax on the crop grid is needed for its volumes).
+
+Ensemble spread: the argmax of every prediction on the crop grid, taken for the vote anyway, is
+also counted per label (``prediction_counts``), so each structure's volume in each prediction is
+known without keeping any prediction: a few integers per prediction, one ``bincount`` each.
 
 Determinism: all augmentations are drawn up front from the seed, in input order, before any
 model runs, and predictions are added to the fusion in a fixed order (input, copy, model), so
@@ -103,6 +108,10 @@ class CropSegmentation:
     n_predictions : number of predictions fused (inputs x copies x models).
     ca_mode, fusion : the settings used.
     label_names : name of each label value.
+    prediction_counts : int64 ``[inputs, 1 + copies, models, C]``: voxels of each label in
+        the argmax of each prediction (input crop, copy: 0 the original then the augmented
+        ones, model in the order given), after mapping back and ``ca_mode`` merging; times the
+        voxel volume, each structure's volume in each prediction.
     probabilities : float32 ``[C, x, y, z]`` mean probability, only when asked for.
     timings : wall seconds per phase (``augment``, ``network``, ``invert``, ``fusion``).
     """
@@ -113,6 +122,7 @@ class CropSegmentation:
     ca_mode: str
     fusion: str
     label_names: tuple[str, ...]
+    prediction_counts: np.ndarray
     probabilities: np.ndarray | None = None
     timings: dict[str, float] = field(default_factory=dict)
 
@@ -216,22 +226,24 @@ def segment_crop(
         clock = now
 
     rng = _resolve_rng(seed)
-    jobs: list[tuple[int, Augmentation | None]] = []
+    # (input, copy, augmentation); copy 0 is the original.
+    jobs: list[tuple[int, int, Augmentation | None]] = []
     for index, (crop, spacing) in enumerate(checked):
-        jobs.append((index, None))
+        jobs.append((index, 0, None))
         augs = []
         if n_aug:
             augs = sample_augmentations(rng, n_aug, crop.shape, spacing, settings.augmentation)
-        jobs.extend((index, aug) for aug in augs)
+        jobs.extend((index, copy, aug) for copy, aug in enumerate(augs, start=1))
 
     shape = checked[0][0].shape
     lap("augment")
     accumulator = FusionAccumulator(shape, n_labels, votes=fusion == "vote")
+    counts = np.zeros((len(checked), 1 + n_aug, len(networks), n_labels), dtype=np.int64)
     lap("fusion")
     for start in range(0, len(jobs), batch_size):
         chunk = jobs[start : start + batch_size]
         images = []
-        for index, aug in chunk:
+        for index, _, aug in chunk:
             crop = checked[index][0]
             image = crop if aug is None else aug.apply(crop)
             try:
@@ -249,26 +261,14 @@ def segment_crop(
             lap("network")
             predictions.append(merge_ca(unpad(probs, pads), ca_mode))
             lap("invert")
-        for position, (_, aug) in enumerate(chunk):
-            if fusion == "vote":
-                members = np.stack([p[position] for p in predictions])
-                if aug is not None:
-                    members = aug.invert(members)
-                lap("invert")
-                for member in members:
-                    accumulator.add(member)
-                lap("fusion")
-            else:
-                total = np.zeros((n_labels, *shape), dtype=np.float32)
-                for p in predictions:
-                    total += p[position]
-                lap("fusion")
-                if aug is not None:
-                    # Background fill outside the field of view must weigh as many models.
-                    total = aug.invert(total / len(networks)) * len(networks)
-                lap("invert")
-                accumulator.add_sum(total, len(networks))
-                lap("fusion")
+        for position, (index, copy, aug) in enumerate(chunk):
+            members = np.stack([p[position] for p in predictions])
+            if aug is not None:
+                members = aug.invert(members)
+            lap("invert")
+            for model, member in enumerate(members):
+                counts[index, copy, model] = accumulator.add(member)
+            lap("fusion")
 
     labels, uncertainty = accumulator.result(fusion)
     probabilities = accumulator.mean_probabilities() if return_probabilities else None
@@ -280,6 +280,7 @@ def segment_crop(
         ca_mode=ca_mode,
         fusion=fusion,
         label_names=label_names(ca_mode),
+        prediction_counts=counts,
         probabilities=probabilities,
         timings=timings,
     )

@@ -141,16 +141,23 @@ class FusionAccumulator:
             raise ValueError(f"prediction of shape {probs.shape} does not match {expected}")
         return probs.reshape(self.n_classes, self._n_voxels)
 
-    def add(self, probs: np.ndarray) -> None:
+    def add(self, probs: np.ndarray) -> np.ndarray:
         """Add one prediction ``[n_classes, x, y, z]``: one vote for its argmax, and its
-        probabilities to the sum."""
+        probabilities to the sum.
+
+        Returns the prediction's own segmentation size: voxels per class of its argmax (ties
+        to the lower class, as the vote), int64 ``[n_classes]``. The argmax is needed for the
+        vote anyway, so the ensemble's per-prediction volumes cost one ``bincount``.
+        """
         flat = self._flat(probs)
+        winners = np.argmax(flat, axis=0)
         if self._votes is not None:
             if self.count >= np.iinfo(np.uint16).max:
                 raise OverflowError("more than 65535 predictions overflow the uint16 vote counts")
-            self._votes[np.argmax(flat, axis=0), self._voxel_index] += 1
+            self._votes[winners, self._voxel_index] += 1
         self._sum += flat
         self.count += 1
+        return np.bincount(winners, minlength=self.n_classes).astype(np.int64, copy=False)
 
     def add_sum(self, probs_sum: np.ndarray, n: int) -> None:
         """Add the sum of ``n`` predictions at once (only without vote counts: the argmax of

@@ -97,6 +97,10 @@ def init_image_wf(
         (inputnode, paste, [("in_file", "in_file")]),
         (localise, paste, [("localisation", "localisation")]),
     ])  # fmt: skip
+    derivatives = pe.Node(
+        WriteDerivatives(output_dir=str(output_dir), settings=values),
+        name="derivatives", mem_gb=OTHER_MEM_GB,
+    )  # fmt: skip
     for side in SIDES:
         segment = pe.Node(
             SegmentSide(side=side, settings=values),
@@ -107,12 +111,9 @@ def init_image_wf(
             (localise, segment, [("localisation", "localisation")]),
             (segment, paste, [("labels", f"{side}_labels"),
                               ("uncertainty", f"{side}_uncertainty")]),
+            (segment, derivatives, [("predictions", f"{side}_predictions")]),
         ])  # fmt: skip
 
-    derivatives = pe.Node(
-        WriteDerivatives(output_dir=str(output_dir), settings=values),
-        name="derivatives", mem_gb=OTHER_MEM_GB,
-    )  # fmt: skip
     wf.connect([
         (inputnode, derivatives, [("in_file", "source_file"), ("sources", "sources"),
                                   ("contrast", "contrast")]),
@@ -121,6 +122,8 @@ def init_image_wf(
         (derivatives, outputnode, [("out_dseg", "dseg"), ("out_uncertainty", "uncertainty"),
                                    ("volumes_part", "volumes_part")]),
     ])  # fmt: skip
+    if multispectral:  # its NaN voxels are counted in the image's QC flags
+        wf.connect(inputnode, "secondary_file", derivatives, "secondary_file")
     return wf
 
 
