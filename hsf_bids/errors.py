@@ -24,6 +24,7 @@ __all__ = [
     "EX_IOERR",
     "EX_NOINPUT",
     "EX_OK",
+    "EX_TERMINATED",
     "EX_UNKNOWN_LEVEL",
     "EX_USAGE",
     "HsfBidsError",
@@ -43,6 +44,7 @@ EX_NOINPUT = 66  # an input file or folder is missing
 EX_CANTCREAT = 73  # an output, work or temporary folder or file cannot be written
 EX_IOERR = 74  # a network or other I/O error
 EX_INTERRUPTED = 130  # Ctrl-C (128 + SIGINT), as shells report it
+EX_TERMINATED = 143  # stopped by SIGTERM (128 + 15): a scheduler's time limit; a rerun resumes
 
 
 class HsfBidsError(Exception):

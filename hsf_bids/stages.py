@@ -27,6 +27,7 @@ import numpy as np
 import pandas as pd
 
 from hsf_bids.engines.base import Network
+from hsf_bids.faults import fault_point
 from hsf_bids.image import from_ras, load_anat, nonfinite_voxels, to_ras
 from hsf_bids.localisation import Box, crop, locate
 from hsf_bids.outputs.derivatives import write_json
@@ -166,6 +167,7 @@ def segment_side(
     result = segment_crop(crops, networks, settings.ensemble, seed=side_seed(settings.seed, side))
     for phase, seconds in result.timings.items():
         timer.add(phase, seconds)
+    fault_point(f"segment:{side}")
     crop_affine = primary.affine.copy()
     crop_affine[:3, 3] = primary.affine[:3, :3] @ np.asarray(box.start) + primary.affine[:3, 3]
     out = Path(out_dir)
@@ -219,6 +221,7 @@ def paste_back_sides(
         region_unc[wins] = side_unc[wins]
         background = region_lab == 0
         region_unc[background] = np.maximum(region_unc[background], side_unc[background])
+    fault_point("paste_back")
     out = Path(out_dir)
     dseg = out / "dseg.nii.gz"
     unc = out / "uncertainty.nii.gz"

@@ -446,8 +446,8 @@ def test_prepare_runtime_respects_the_user_and_falls_back_to_the_work_dir(tmp_pa
     blocker.write_text("")
     env = {"TMPDIR": str(blocker / "tmp")}
     info = prepare_runtime(tmp_path / "work", env, cleanup=False)
-    assert env["TMPDIR"] == str(tmp_path / "work" / "tmp") == str(info.temp_dir)
-    assert info.scratch.parent == tmp_path / "work" / "tmp"
+    assert info.scratch.parent == tmp_path / "work" / "tmp" == info.temp_dir
+    assert env["TMPDIR"] == str(info.scratch / "tmp")
 
     with pytest.raises(RuntimeEnvironmentError, match=r"no writable temporary folder.*file/tmp.*"):
         prepare_runtime(blocker / "work", {"TMPDIR": str(blocker / "tmp")}, cleanup=False)

@@ -328,9 +328,9 @@ def _documented_codes() -> set[int]:
     return declared
 
 
-def _interrupt(ds_mini, demo_hub, tmp_path) -> tuple[int, str]:
-    """Ctrl-C once the models are planned and the workflow starts."""
-    import signal
+def _interrupt(ds_mini, demo_hub, tmp_path, signum: int = 2) -> tuple[int, str]:
+    """Ctrl-C (or ``signum``: SIGTERM, a scheduler's time limit) once the models are planned and
+    the workflow starts."""
 
     proc = subprocess.Popen(
         [sys.executable, "-m", "hsf_bids", str(ds_mini), str(tmp_path / "out"), *PARTICIPANT,
@@ -341,7 +341,7 @@ def _interrupt(ds_mini, demo_hub, tmp_path) -> tuple[int, str]:
     for line in proc.stderr:
         err.append(line)
         if "inference:" in line:
-            proc.send_signal(signal.SIGINT)
+            proc.send_signal(signum)
             break
     err.append(proc.stderr.read())
     return proc.wait(timeout=120), "".join(err)
@@ -390,6 +390,8 @@ def _scenario(code: int, capsys, ds_mini, demo_hub, tmp_path) -> tuple[int, str]
         )  # fmt: skip
     if code == 130:
         return _interrupt(ds_mini, demo_hub, tmp_path)
+    if code == 143:
+        return _interrupt(ds_mini, demo_hub, tmp_path, signum=15)
     raise AssertionError(f"no scenario produces exit code {code}")
 
 

@@ -255,7 +255,11 @@ def run_participant(config: RunConfig) -> int:
         return ex.exit_code(exc)
     _report(config, jobs, failed)
     _report_qc_flags(config, jobs, failed)
-    _write_reports(config, jobs)
+    try:
+        _write_reports(config, jobs)
+    except DerivativesError as exc:  # the disk is full: the report is an output like the others
+        LOGGER.error("%s", exc)
+        return ex.exit_code(exc)
     phases.lap("reports")
     phases.write(config.work_dir, f"timing_{config.run_id}.json")
     if failed:
@@ -326,6 +330,16 @@ def _run_workflow(
         phases.lap("workflow_build")
         try:
             wf.run(plugin=config.plugin, plugin_args=config.plugin_args)
+        except OSError as exc:
+            # Nipype could not write its own files (node results, crash files): the disk is
+            # full, and every later step would fail the same way.
+            from hsf_bids.outputs import DerivativesError
+
+            where = exc.filename or "the work folder or a crash file"
+            raise DerivativesError(
+                f"could not write {where}: {exc.strerror or exc}; make room and run the same "
+                "command again"
+            ) from exc
         except Exception as exc:
             failed = _failed_subjects(config, subjects)
             if not failed:  # not a node's failure (those leave crash files): the run's own

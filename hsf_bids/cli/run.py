@@ -322,6 +322,10 @@ def _run(config: RunConfig) -> int:
 
 def cli() -> None:
     """Console script ``hsf-bids``."""
+    from hsf_bids.cli.signals import stop_on_sigterm
+    from hsf_bids.runtime import remove_private_folder
+
+    stop_on_sigterm(cleanup=remove_private_folder)
     code = main()
     # Everything is written and closed by now. Interpreter shutdown would otherwise run the
     # cyclic garbage collector over the ~1,500 modules Nipype, pybids and the engines load:

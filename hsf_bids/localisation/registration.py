@@ -33,6 +33,7 @@ import nibabel as nib
 import numpy as np
 from scipy import ndimage
 
+from hsf_bids.faults import fault_point
 from hsf_bids.templates import load_template
 
 __all__ = [
@@ -307,6 +308,7 @@ def ants_affine(
                 "--smoothing-sigmas", "x".join(f"{s:g}" for s in smoothing) + "vox",
             ]  # fmt: skip
         code = lib.antsRegistration(args)
+        fault_point("registration")
         files = sorted(glob.glob(prefix + "*GenericAffine.mat"))
         if code != 0 or len(files) != 1:
             raise LocalisationError(f"antsRegistration failed (exit code {code}, outputs {files})")

@@ -441,7 +441,7 @@ def write_json(obj: Any, path: str | PathLike[str]) -> Path:
     """Write ``obj`` as indented JSON atomically (numpy values and paths converted, NaN refused)."""
     with _atomic(path) as tmp:
         text = _json_text(obj)
-        with open(tmp, "x", encoding="utf-8") as fh:
+        with open(tmp, "w", encoding="utf-8") as fh:
             fh.write(text)
     return Path(path)
 
@@ -449,7 +449,7 @@ def write_json(obj: Any, path: str | PathLike[str]) -> Path:
 def write_tsv(df: pd.DataFrame, path: str | PathLike[str]) -> Path:
     """Write ``df`` as a BIDS TSV atomically: tab separated, no index, missing values as ``n/a``."""
     with _atomic(path) as tmp:
-        with open(tmp, "x", encoding="utf-8", newline="") as fh:
+        with open(tmp, "w", encoding="utf-8", newline="") as fh:
             df.to_csv(fh, sep="\t", index=False, na_rep="n/a", lineterminator="\n")
     return Path(path)
 
@@ -457,7 +457,7 @@ def write_tsv(df: pd.DataFrame, path: str | PathLike[str]) -> Path:
 def write_text(text: str, path: str | PathLike[str]) -> Path:
     """Write ``text`` atomically."""
     with _atomic(path) as tmp:
-        with open(tmp, "x", encoding="utf-8", newline="") as fh:
+        with open(tmp, "w", encoding="utf-8", newline="") as fh:
             fh.write(text)
     return Path(path)
 
