@@ -6,6 +6,9 @@ and reports its peak RSS (``VmHWM``), so configurations do not share memory or c
 compared with onnxruntime fp32 on the same input (max |difference| of probabilities and argmax
 agreement). The result is a Markdown table headed by a description of the machine.
 
+DeepSparse rows run where DeepSparse imports (its own Python 3.11 environment with numpy < 2:
+``pip install '.[deepsparse]'``) and say which share of the graph its optimised runtime runs.
+
     python benchmarks/forward_pass.py --threads 2 --output forward_pass.md
     python benchmarks/forward_pass.py --quick          # a short check that everything runs
 
@@ -29,7 +32,12 @@ from pathlib import Path
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
-CONFIGS = [("onnxruntime", "fp32"), ("openvino", "fp32"), ("openvino", "bf16")]
+CONFIGS = [
+    ("onnxruntime", "fp32"),
+    ("openvino", "fp32"),
+    ("openvino", "bf16"),
+    ("deepsparse", "fp32"),
+]
 
 
 def _peak_rss_mib() -> float:
@@ -48,8 +56,13 @@ def worker(spec: dict) -> dict:
     import importlib
 
     from hsf_bids.engines import open_network
+    from hsf_bids.engines.deepsparse import import_deepsparse
 
-    importlib.import_module(spec["engine"])  # the engine's own import cost is not the model's
+    # The engine's own import cost is not the model's.
+    if spec["engine"] == "deepsparse":
+        import_deepsparse()  # with its usage analytics off, as the app imports it
+    else:
+        importlib.import_module(spec["engine"])
     rss_imports = _peak_rss_mib()
     rng = np.random.default_rng(spec["seed"])
     batch = rng.standard_normal((spec["batch"], 1, *spec["shape"]), dtype=np.float32)
@@ -73,7 +86,12 @@ def worker(spec: dict) -> dict:
         start = time.perf_counter()
         network.run(batch)
         times.append(time.perf_counter() - start)
+    # DeepSparse runs what its optimised runtime does not support in its onnxruntime fallback.
+    optimised = None
+    if spec["engine"] == "deepsparse":
+        optimised = network.engine_for(batch.shape).fraction_of_supported_ops
     return {
+        "optimised": optimised,
         "ran_precision": network.precision,
         "ran_device": network.device,
         "create_s": create_s,
@@ -130,12 +148,32 @@ def machine_description(threads: int) -> list[str]:
         f"- onnxruntime {onnxruntime.__version__}, OpenVINO {openvino.__version__} "
         f"(CPU capabilities: {', '.join(cpu_capabilities())}), Python {platform.python_version()}"
     )
+    if deepsparse_version():
+        from deepsparse.cpu import cpu_architecture
+
+        arch = cpu_architecture()
+        lines.append(
+            f"- DeepSparse {deepsparse_version()} (instruction set it uses: {arch.isa}, "
+            f"VNNI {'yes' if arch.vnni else 'no'})"
+        )
+    else:
+        lines.append("- DeepSparse not installed here: its rows are left out")
     try:
         load = os.getloadavg()
         lines.append(f"- Load average at start: {load[0]:.2f} (1 min)")
     except OSError:
         pass
     return lines
+
+
+def deepsparse_version() -> str | None:
+    """DeepSparse's version, None where it does not import."""
+    from hsf_bids.engines.deepsparse import EngineUnavailableError, import_deepsparse
+
+    try:
+        return import_deepsparse().__version__
+    except EngineUnavailableError:
+        return None
 
 
 def ensure_arunet(cache: Path) -> Path:
@@ -198,6 +236,7 @@ def main(argv: list[str] | None = None) -> int:
         models.append((ensure_arunet(args.cache), [1]))
 
     shape = tuple(args.shape)
+    configs = [c for c in CONFIGS if c[0] != "deepsparse" or deepsparse_version()]
     header = [
         f"# Forward pass, crop {'x'.join(map(str, shape))}, {args.threads} threads",
         "",
@@ -216,7 +255,7 @@ def main(argv: list[str] | None = None) -> int:
         for model, batches in models:
             for batch in batches:
                 reference = None
-                for engine, precision in CONFIGS:
+                for engine, precision in configs:
                     out_file = Path(scratch) / f"{model.stem}_{batch}_{engine}_{precision}.npy"
                     spec = {
                         "model": str(model),
@@ -246,6 +285,10 @@ def main(argv: list[str] | None = None) -> int:
                             agree = float((probs.argmax(1) == reference.argmax(1)).mean())
                             agreement = f"{diff:.1e} / {100 * agree:.3f} %"
                         out_file.unlink()
+                        if result.get("optimised") is not None:
+                            engine = (
+                                f"{engine} (optimised runtime: {100 * result['optimised']:.0f} %)"
+                            )
                         row = (
                             f"| {model.name} | {batch} | {engine} "
                             f"| {precision} -> {result['ran_precision']} "
