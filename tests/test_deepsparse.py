@@ -120,6 +120,21 @@ def test_deepsparse_refuses_a_model_outside_the_contract(tmp_path):
         open_network(corrupt, engine="deepsparse")
 
 
+def test_an_explicit_deepsparse_plan_names_the_precision_that_runs(demo_models, tmp_path):
+    """DeepSparse runs the graph as stored: the plan (hence the provenance) says so, and a
+    different --precision is refused instead of recorded."""
+    require_deepsparse()
+    from hsf_bids.engines import EngineUnavailableError
+    from hsf_bids.engines.plan import plan_models
+
+    checksums = [xxh3_64_file(p) for p in demo_models]
+    plan = plan_models(demo_models, checksums, tmp_path, engine="deepsparse")
+    assert [r.choice for r in plan.runs] == ["deepsparse/fp32/cpu"] * len(demo_models)
+    assert all(r.agreement is None for r in plan.runs)  # asked for, so not gated
+    with pytest.raises(EngineUnavailableError, match=r"as stored, in fp32, not int8"):
+        plan_models(demo_models, checksums, tmp_path, engine="deepsparse", precision="int8")
+
+
 @pytest.fixture(scope="module")
 def sub04_runs(ds_mini, fast_hub, templateflow_home, tmp_path_factory):
     """sub-04 ses-01 segmented with --engine deepsparse and with onnxruntime (fast demo hub), the
