@@ -89,10 +89,13 @@ def _read_graph(path: Path) -> Any:
         raise ModelLoadError(f"cannot read ONNX model {path}: {exc}") from exc
 
 
+def _graph_precision(graph: Any) -> str:
+    return "int8" if any(n.op_type in _INT8_OPS for n in graph.node) else "fp32"
+
+
 def stored_precision(path: Path) -> str:
     """``"int8"`` when the ONNX graph at ``path`` holds quantised operators, else ``"fp32"``."""
-    graph = _read_graph(path)
-    return "int8" if any(n.op_type in _INT8_OPS for n in graph.node) else "fp32"
+    return _graph_precision(_read_graph(path))
 
 
 def write_static_copy(path: Path, shape: tuple[int, ...], target: Path) -> Path:
@@ -143,7 +146,7 @@ class DeepSparseNetwork(BaseNetwork):
         self.device = "cpu"
         graph = _read_graph(self.path)
         check_one_input_one_output(self.path, _graph_inputs(graph), graph.output)
-        self.precision = "int8" if any(n.op_type in _INT8_OPS for n in graph.node) else "fp32"
+        self.precision = _graph_precision(graph)
         if precision not in (None, self.precision):
             # DeepSparse has no precision switch: the file decides, and the attribute says so.
             log.warning(
