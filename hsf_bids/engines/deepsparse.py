@@ -1,8 +1,8 @@
 """DeepSparse engine: a legacy optional backend, made for HSF's sparse + int8 3.0.0 models.
 
-DeepSparse is no longer maintained (Neural Magic's last release, 1.8.0, March 2024): it installs
-only on CPython 3.8-3.11 with numpy < 2 and onnx < 1.15, so it is an optional extra
-(``hsf_bids[deepsparse]``), imported only when a network is opened.
+DeepSparse is no longer maintained (Neural Magic ceased its development in June 2025; 1.8.0 is the
+last release with wheels): it installs only on CPython 3.8-3.11 with numpy < 2 and onnx < 1.15, so
+it is an optional extra (``hsf_bids[deepsparse]``), imported only when a network is opened.
 
 Its optimised runtime compiles a graph for static input shapes only. Given the HSF models'
 dynamic ``[batch, 1, x, y, z]`` input it silently runs everything in its bundled onnxruntime
