@@ -6,8 +6,16 @@ and reports its peak RSS (``VmHWM``), so configurations do not share memory or c
 compared with onnxruntime fp32 on the same input (max |difference| of probabilities and argmax
 agreement). The result is a Markdown table headed by a description of the machine.
 
+DeepSparse rows run where DeepSparse imports (its own Python 3.11 environment with numpy < 2:
+``pip install '.[deepsparse]'``) and say which share of the graph its optimised runtime runs.
+
     python benchmarks/forward_pass.py --threads 2 --output forward_pass.md
     python benchmarks/forward_pass.py --quick          # a short check that everything runs
+    python benchmarks/forward_pass.py --interleave --no-demo   # engines side by side, one process
+
+``--interleave`` loads every engine in one process and times them in turns (one pass of each per
+round), so that a machine whose load changes during the run (a shared one) slows every engine alike;
+it reports no per-engine memory.
 
 The full-size random ARUNet (37.5 M parameters, 150 MB) is generated once into ``--cache``.
 """
@@ -29,7 +37,12 @@ from pathlib import Path
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
-CONFIGS = [("onnxruntime", "fp32"), ("openvino", "fp32"), ("openvino", "bf16")]
+CONFIGS = [
+    ("onnxruntime", "fp32"),
+    ("openvino", "fp32"),
+    ("openvino", "bf16"),
+    ("deepsparse", "fp32"),
+]
 
 
 def _peak_rss_mib() -> float:
@@ -48,8 +61,13 @@ def worker(spec: dict) -> dict:
     import importlib
 
     from hsf_bids.engines import open_network
+    from hsf_bids.engines.deepsparse import import_deepsparse
 
-    importlib.import_module(spec["engine"])  # the engine's own import cost is not the model's
+    # The engine's own import cost is not the model's.
+    if spec["engine"] == "deepsparse":
+        import_deepsparse()  # with its usage analytics off, as the app imports it
+    else:
+        importlib.import_module(spec["engine"])
     rss_imports = _peak_rss_mib()
     rng = np.random.default_rng(spec["seed"])
     batch = rng.standard_normal((spec["batch"], 1, *spec["shape"]), dtype=np.float32)
@@ -73,7 +91,12 @@ def worker(spec: dict) -> dict:
         start = time.perf_counter()
         network.run(batch)
         times.append(time.perf_counter() - start)
+    # DeepSparse runs what its optimised runtime does not support in its onnxruntime fallback.
+    optimised = None
+    if spec["engine"] == "deepsparse":
+        optimised = network.engine_for(batch.shape).fraction_of_supported_ops
     return {
+        "optimised": optimised,
         "ran_precision": network.precision,
         "ran_device": network.device,
         "create_s": create_s,
@@ -130,12 +153,32 @@ def machine_description(threads: int) -> list[str]:
         f"- onnxruntime {onnxruntime.__version__}, OpenVINO {openvino.__version__} "
         f"(CPU capabilities: {', '.join(cpu_capabilities())}), Python {platform.python_version()}"
     )
+    if deepsparse_version():
+        from deepsparse.cpu import cpu_architecture
+
+        arch = cpu_architecture()
+        lines.append(
+            f"- DeepSparse {deepsparse_version()} (instruction set it uses: {arch.isa}, "
+            f"VNNI {'yes' if arch.vnni else 'no'})"
+        )
+    else:
+        lines.append("- DeepSparse not installed here: its rows are left out")
     try:
         load = os.getloadavg()
         lines.append(f"- Load average at start: {load[0]:.2f} (1 min)")
     except OSError:
         pass
     return lines
+
+
+def deepsparse_version() -> str | None:
+    """DeepSparse's version, None where it does not import."""
+    from hsf_bids.engines.deepsparse import EngineUnavailableError, import_deepsparse
+
+    try:
+        return import_deepsparse().__version__
+    except EngineUnavailableError:
+        return None
 
 
 def ensure_arunet(cache: Path) -> Path:
@@ -159,6 +202,69 @@ def _fmt(seconds: float) -> str:
     return "n/a" if seconds != seconds else f"{seconds:.3f}"
 
 
+def _row(model: Path, batch: int, engine: str, precision: str, result: dict, reference) -> str:
+    """One Markdown row; agreement against ``reference``, onnxruntime fp32's probabilities."""
+    if "error" in result:
+        return (
+            f"| {model.name} | {batch} | {engine} | {precision} | error: {result['error']} |||||||"
+        )
+    probs = result["probs"]
+    if engine == "onnxruntime":
+        agreement = "reference"
+    elif reference is None:
+        agreement = "no reference"
+    else:
+        diff = float(np.abs(probs - reference).max())
+        agree = float((probs.argmax(1) == reference.argmax(1)).mean())
+        agreement = f"{diff:.1e} / {100 * agree:.3f} %"
+    if result.get("optimised") is not None:
+        engine = f"{engine} (optimised runtime: {100 * result['optimised']:.0f} %)"
+    memory = "one process"
+    if "peak_rss_mib" in result:
+        memory = f"{result['peak_rss_mib']:.0f} ({result['rss_imports_mib']:.0f})"
+    return (
+        f"| {model.name} | {batch} | {engine} | {precision} -> {result['ran_precision']} "
+        f"| {_fmt(result['create_s'])} | {_fmt(result['first_s'])} "
+        f"| {_fmt(result['median_s'])} ({_fmt(result['min_s'])}) "
+        f"| {_fmt(result['median_s'] / batch)} | {memory} | {agreement} |"
+    )
+
+
+def interleaved(model: Path, configs: list, spec: dict) -> list[dict]:
+    """Every configuration of ``configs`` on ``model`` in this process, timed in turns."""
+    from hsf_bids.engines import open_network
+
+    rng = np.random.default_rng(spec["seed"])
+    batch = rng.standard_normal((spec["batch"], 1, *spec["shape"]), dtype=np.float32)
+    results = []
+    for engine, precision in configs:
+        start = time.perf_counter()
+        network = open_network(model, engine=engine, precision=precision, threads=spec["threads"])
+        create_s = time.perf_counter() - start
+        start = time.perf_counter()
+        probs = network.run(batch)
+        first_s = time.perf_counter() - start
+        optimised = None
+        if engine == "deepsparse":
+            optimised = network.engine_for(batch.shape).fraction_of_supported_ops
+        results.append({"network": network, "probs": probs, "create_s": create_s,
+                        "first_s": first_s, "optimised": optimised, "times": []})  # fmt: skip
+    for _ in range(spec["warmup"]):
+        for result in results:
+            result["network"].run(batch)
+    for _ in range(spec["repeats"]):
+        for result in results:
+            start = time.perf_counter()
+            result["network"].run(batch)
+            result["times"].append(time.perf_counter() - start)
+    for result in results:
+        network = result.pop("network")
+        result.update(ran_precision=network.precision, median_s=statistics.median(result["times"]),
+                      min_s=min(result["times"]))  # fmt: skip
+        network.close()
+    return results
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--threads", type=int, default=2)
@@ -177,6 +283,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--timeout", type=float, default=1800, help="per configuration, s")
     parser.add_argument("--output", type=Path, help="also write the Markdown table here")
+    parser.add_argument(
+        "--interleave", action="store_true", help="every engine in one process, timed in turns"
+    )
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
 
@@ -198,12 +307,17 @@ def main(argv: list[str] | None = None) -> int:
         models.append((ensure_arunet(args.cache), [1]))
 
     shape = tuple(args.shape)
+    configs = [c for c in CONFIGS if c[0] != "deepsparse" or deepsparse_version()]
     header = [
         f"# Forward pass, crop {'x'.join(map(str, shape))}, {args.threads} threads",
         "",
         *machine_description(args.threads),
         f"- Timed runs: median (min) of {repeats} after the first run and {warmup} warm-up runs;"
-        " every row in a fresh process",
+        + (
+            " all engines in one process, one pass of each in turn"
+            if args.interleave
+            else " every row in a fresh process"
+        ),
         "",
         "| model | batch | engine | precision asked -> run | create s | first run s "
         "| median s (min) | s per crop | peak RSS MiB (before loading) | max abs diff / argmax "
@@ -215,46 +329,34 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as scratch:
         for model, batches in models:
             for batch in batches:
+                spec = {
+                    "model": str(model),
+                    "threads": args.threads,
+                    "batch": batch,
+                    "shape": list(shape),
+                    "seed": 0,
+                    "warmup": warmup,
+                    "repeats": repeats,
+                }
+                if args.interleave:
+                    measured = interleaved(model, configs, spec)
+                else:
+                    measured = []
+                    for engine, precision in configs:
+                        out_file = Path(scratch) / f"{model.stem}_{batch}_{engine}_{precision}.npy"
+                        result = run_in_subprocess(
+                            {**spec, "engine": engine, "precision": precision,
+                             "save_output": str(out_file)}, args.timeout,
+                        )  # fmt: skip
+                        if "error" not in result:
+                            result["probs"] = np.load(out_file)
+                            out_file.unlink()
+                        measured.append(result)
                 reference = None
-                for engine, precision in CONFIGS:
-                    out_file = Path(scratch) / f"{model.stem}_{batch}_{engine}_{precision}.npy"
-                    spec = {
-                        "model": str(model),
-                        "engine": engine,
-                        "precision": precision,
-                        "threads": args.threads,
-                        "batch": batch,
-                        "shape": list(shape),
-                        "seed": 0,
-                        "warmup": warmup,
-                        "repeats": repeats,
-                        "save_output": str(out_file),
-                    }
-                    result = run_in_subprocess(spec, args.timeout)
-                    name = f"{model.name} | {batch} | {engine} | {precision}"
-                    if "error" in result:
-                        row = f"| {name} | error: {result['error']} |||||||"
-                    else:
-                        probs = np.load(out_file)
-                        if engine == "onnxruntime":
-                            reference = probs  # first in CONFIGS
-                            agreement = "reference"
-                        elif reference is None:
-                            agreement = "no reference"
-                        else:
-                            diff = float(np.abs(probs - reference).max())
-                            agree = float((probs.argmax(1) == reference.argmax(1)).mean())
-                            agreement = f"{diff:.1e} / {100 * agree:.3f} %"
-                        out_file.unlink()
-                        row = (
-                            f"| {model.name} | {batch} | {engine} "
-                            f"| {precision} -> {result['ran_precision']} "
-                            f"| {_fmt(result['create_s'])} | {_fmt(result['first_s'])} "
-                            f"| {_fmt(result['median_s'])} ({_fmt(result['min_s'])}) "
-                            f"| {_fmt(result['median_s'] / batch)} "
-                            f"| {result['peak_rss_mib']:.0f} ({result['rss_imports_mib']:.0f}) "
-                            f"| {agreement} |"
-                        )
+                for (engine, precision), result in zip(configs, measured, strict=True):
+                    row = _row(model, batch, engine, precision, result, reference)
+                    if engine == "onnxruntime" and "error" not in result:
+                        reference = result["probs"]  # first in CONFIGS
                     rows.append(row)
                     print(row, flush=True)
 

@@ -134,14 +134,36 @@ def _no_int8(path: Path, folder: Path) -> Exception:
     )
 
 
+def _deepsparse_precision(path: Path, asked: str | None) -> str:
+    """The precision DeepSparse runs ``path`` in: the stored graph's (it has no precision switch),
+    so the provenance names what runs; a different ``--precision`` is refused."""
+    from hsf_bids.engines import EngineUnavailableError
+    from hsf_bids.engines.deepsparse import stored_precision
+
+    stored = stored_precision(path)
+    if asked not in (None, stored):
+        raise EngineUnavailableError(
+            f"engine deepsparse runs {path.name} as stored, in {stored}, not {asked}; drop "
+            "--precision or choose another engine"
+        )
+    return stored
+
+
 def _explicit(
-    paths: Sequence[Path], checksums: Sequence[str], folder: Path, choice: tuple[str, str, str]
+    paths: Sequence[Path],
+    checksums: Sequence[str],
+    folder: Path,
+    choice: tuple[str, str, str],
+    asked: str | None = None,
 ) -> Plan:
-    """Every model run as the user asked (no gate, so no agreement in the provenance)."""
+    """Every model run as the user asked (no gate, so no agreement in the provenance);
+    ``asked`` is the precision the user gave, if any."""
     engine, precision, device = choice
     runs = []
     for path, xxh in zip(paths, checksums, strict=True):
         run_path, run_xxh = path, xxh
+        if engine == "deepsparse":
+            precision = _deepsparse_precision(path, asked)
         if engine == "openvino" and precision == "int8":
             found = _int8_choice(folder, path.name, xxh)
             if found is None:
@@ -270,7 +292,7 @@ def plan_models(
     else:
         resolved = resolve_engine(engine, device, precision)
         if engine != "auto" or resolved[2] == "cuda":
-            return _explicit(paths, checksums, folder, resolved)
+            return _explicit(paths, checksums, folder, resolved, precision)
         device = resolved[2]  # cuda asked for but not usable: the CPU, gated as usual
 
     measurer = _Measurer(threads, folder, fallback=cache_dir)
