@@ -44,6 +44,7 @@ __all__ = [
     "RuntimeEnvironment",
     "prepare_runtime",
     "remove_abandoned_folders",
+    "end_runtime",
     "remove_private_folder",
 ]
 
@@ -73,13 +74,15 @@ class RuntimeEnvironment:
 
     ``scratch`` is the private folder of this process (removed at exit when ``cleanup``);
     ``set_variables`` the environment variables it set, with their values (``TMPDIR`` is
-    ``<scratch>/tmp``); ``temp_dir`` the temporary folder the private folder is in (the work
-    folder's ``tmp`` when the default is not writable).
+    ``<scratch>/tmp``), and ``replaced`` their values before (``None``: unset); ``temp_dir`` the
+    temporary folder the private folder is in (the work folder's ``tmp`` when the default is not
+    writable).
     """
 
     scratch: Path
     temp_dir: Path
     set_variables: dict[str, str] = field(default_factory=dict)
+    replaced: dict[str, str | None] = field(default_factory=dict)
 
 
 LOCK_NAME = ".lock"
@@ -181,6 +184,7 @@ def prepare_runtime(
     for variable, value in QUIET_VARIABLES.items():
         if variable not in env:
             changed[variable] = value
+    replaced = {variable: env.get(variable) for variable in changed}
     env.update(changed)
 
     if env is os.environ:
@@ -191,4 +195,23 @@ def prepare_runtime(
         sys.modules.setdefault("openvino_telemetry", None)  # type: ignore[arg-type]
     if cleanup:
         atexit.register(remove_private_folder)
-    return RuntimeEnvironment(scratch=scratch, temp_dir=temp_dir, set_variables=changed)
+    return RuntimeEnvironment(
+        scratch=scratch, temp_dir=temp_dir, set_variables=changed, replaced=replaced
+    )
+
+
+def end_runtime(runtime: RuntimeEnvironment) -> None:
+    """Undo :func:`prepare_runtime` in this process (``os.environ``): the variables it set get
+    their previous values back and the private folder is removed.
+
+    A command line run ends with its process; a caller of :func:`hsf_bids.cli.run.main` in its
+    own process (a notebook, a test) would otherwise keep ``$TMPDIR`` pointing at a folder that
+    is removed when it exits, or earlier.
+    """
+    for variable, value in runtime.replaced.items():
+        if value is None:
+            os.environ.pop(variable, None)
+        else:
+            os.environ[variable] = value
+    tempfile.tempdir = None
+    remove_private_folder()

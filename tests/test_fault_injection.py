@@ -233,6 +233,7 @@ def test_a_full_disk_while_writing_each_kind_of_output_is_one_clear_error(
         assert proc.returncode == EX_CANTCREAT, (output, log)
         errors = [line for line in log.splitlines() if line.startswith("hsf-bids: error:")]
         assert len(errors) == 1, (output, log)
+        assert "Traceback" not in log, (output, log)
         assert "could not write" in errors[0] and "File too large" in errors[0], errors
         if output == "sub-01.html":  # written by the main process, which names it
             assert str(run.out / output) in errors[0]

@@ -83,6 +83,22 @@ def test_refused_output_folder_exits_73_without_a_loading_thread(
     assert not list(out.glob("sub-*"))
 
 
+def test_a_run_in_the_caller_s_process_gives_its_environment_back(
+    capsys, ds_mini, demo_hub, templateflow_home, tmp_path, monkeypatch
+):
+    """main() called in a process of its own (a notebook, a test) pointed $TMPDIR at the run's
+    private folder and left it so; once that folder was gone, Chromium started later in the same
+    process could not start."""
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+    before = dict(os.environ)
+    out = tmp_path / "out"
+    REFUSALS["foreign_description"](out)  # a run that prepares its runtime, then stops early
+    code, _ = run(capsys, ds_mini, out, *PARTICIPANT, "--hub", demo_hub, "-w", tmp_path / "work")
+    assert code == 73
+    assert dict(os.environ) == before
+    assert not list(tmp_path.glob("hsf_bids-*"))  # the private folder went with the run
+
+
 @pytest.mark.parametrize("refusal", list(REFUSALS))
 def test_refused_output_folder_process_ends_with_73(
     refusal, ds_mini, demo_hub, templateflow_home, tmp_path

@@ -4,8 +4,6 @@
 from __future__ import annotations
 
 import hashlib
-import os
-import resource
 import shutil
 import socket
 import ssl
@@ -53,27 +51,31 @@ def _hub(tmp_path: Path, **top: str) -> Path:
     return path
 
 
-def _limit_memory() -> None:  # in the child: a bomb that gets through fails fast, harmlessly
+# Forks the command from a small Python and reports its peak memory: a child forked from pytest
+# itself would count pytest's own memory (Linux keeps the larger of the two across exec).
+_LAUNCHER = """
+import os, resource, sys
+pid = os.fork()
+if pid == 0:
+    os.dup2(os.open(os.devnull, os.O_WRONLY), 1)
+    # a bomb that gets through fails fast, harmlessly
     resource.setrlimit(resource.RLIMIT_AS, (2 << 30, 2 << 30))
+    os.execv(sys.executable, [sys.executable, "-m", "hsf_bids.hub.cli", *sys.argv[1:]])
+_, status, usage = os.wait4(pid, 0)
+print(usage.ru_maxrss)
+sys.exit(os.waitstatus_to_exitcode(status))
+"""
 
 
 def _models_command(*argv: str | Path) -> tuple[int, str, float, float]:
     """``hsf-bids-models`` in a child process: exit status, stderr, seconds, peak RSS in MiB."""
     start = time.perf_counter()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "hsf_bids.hub.cli", *map(str, argv)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, preexec_fn=_limit_memory,
+    proc = subprocess.run(
+        [sys.executable, "-c", _LAUNCHER, *map(str, argv)],
+        capture_output=True, text=True, timeout=60,
     )  # fmt: skip
-    watchdog = threading.Timer(60, proc.kill)
-    watchdog.start()
-    try:
-        err = proc.stderr.read()
-        _, status, usage = os.wait4(proc.pid, 0)  # the child's own peak memory
-    finally:
-        watchdog.cancel()
-        proc.stderr.close()
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    return proc.returncode, err, time.perf_counter() - start, usage.ru_maxrss / 1024
+    peak_kib = int(proc.stdout.split()[-1])
+    return proc.returncode, proc.stderr, time.perf_counter() - start, peak_kib / 1024
 
 
 @pytest.mark.parametrize("key", ["ca_mode", "version", "description", "labels"])

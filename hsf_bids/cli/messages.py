@@ -18,10 +18,17 @@ import logging
 import sys
 from typing import TextIO
 
-__all__ = ["PACKAGE_LOGGER", "ConsoleFormatter", "setup_console", "verbosity_level"]
+__all__ = [
+    "PACKAGE_LOGGER",
+    "ConsoleFormatter",
+    "adopt_nipype_logging",
+    "setup_console",
+    "verbosity_level",
+]
 
 PACKAGE_LOGGER = "hsf_bids"
 _LIBRARY_FORMAT = "%(asctime)s %(name)s %(levelname)s: %(message)s"
+_TRACEBACK = "Traceback (most recent call last)"
 
 
 def _is_package(name: str) -> bool:
@@ -38,7 +45,7 @@ class ConsoleFormatter(logging.Formatter):
 
     def format(self, record: logging.LogRecord) -> str:
         if not _is_package(record.name):
-            return super().format(record)
+            return _without_traceback(super().format(record))
         if record.levelno >= logging.ERROR:
             prefix = "error: "
         elif record.levelno >= logging.WARNING:
@@ -51,6 +58,15 @@ class ConsoleFormatter(logging.Formatter):
         if record.exc_info:
             text += "\n" + self.formatException(record.exc_info)
         return text
+
+
+def _without_traceback(text: str) -> str:
+    # Nipype logs a failed node's whole traceback in the message of its error record; the crash
+    # file the same record names keeps it, the console keeps the lines before it.
+    cut = text.find(_TRACEBACK)
+    if cut < 0:
+        return text
+    return text[:cut].rstrip() + " (traceback in the crash file)"
 
 
 class _ConsoleHandler(logging.StreamHandler):
@@ -87,3 +103,17 @@ def setup_console(prog: str, level: int = logging.INFO) -> logging.Handler:
     root.addHandler(handler)
     root.setLevel(level)
     return handler
+
+
+def adopt_nipype_logging() -> None:
+    """Let Nipype's records reach the user through the console handler only.
+
+    Nipype gives its ``nipype`` logger a handler of its own on standard output, so its records
+    were printed twice, a failed node's whole traceback included. They propagate to the root
+    logger, where :func:`setup_console`'s handler writes them with the traceback cut (the crash
+    file the record names keeps it).
+    Call it after Nipype's logging is configured (``nipype.logging.update_logging``).
+    """
+    logger = logging.getLogger("nipype")
+    for handler in [h for h in logger.handlers if type(h) is logging.StreamHandler]:
+        logger.removeHandler(handler)

@@ -20,6 +20,7 @@ from hsf_bids.bids import (
     collect_jobs,
     start_validation,
 )
+from hsf_bids.cli.messages import adopt_nipype_logging
 from hsf_bids.config import RunConfig
 from hsf_bids.logs import crash_files, crash_reason
 from hsf_bids.timing import StageTimer
@@ -297,6 +298,7 @@ def _configure_nipype(config: RunConfig) -> None:
     ncfg.set("logging", "interface_level", level)
     ncfg.set("logging", "utils_level", "WARNING")
     nlogging.update_logging(ncfg)
+    adopt_nipype_logging()
 
 
 def _run_workflow(

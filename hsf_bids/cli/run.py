@@ -307,17 +307,20 @@ def _run(config: RunConfig) -> int:
     logging.getLogger("nipype.workflow").setLevel(
         logging.INFO if config.verbosity else logging.WARNING
     )
-    from hsf_bids.runtime import prepare_runtime
+    from hsf_bids.runtime import end_runtime, prepare_runtime
 
     # before any library that writes to $HOME or phones home is imported
-    prepare_runtime(config.work_dir)
-    if config.analysis_level == "group":
-        from hsf_bids.cli.group import run_group
+    runtime = prepare_runtime(config.work_dir)
+    try:
+        if config.analysis_level == "group":
+            from hsf_bids.cli.group import run_group
 
-        return run_group(config)
-    from hsf_bids.cli.participant import run_participant
+            return run_group(config)
+        from hsf_bids.cli.participant import run_participant
 
-    return run_participant(config)
+        return run_participant(config)
+    finally:
+        end_runtime(runtime)
 
 
 def cli() -> None:
