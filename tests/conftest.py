@@ -109,6 +109,18 @@ def hsf_bids(*args: str | Path, **kwargs) -> subprocess.Popen:
     )
 
 
+def compare_outputs_tool():  # noqa: ANN201 - a module
+    """``tools/compare_outputs.py`` (a script, not part of the package), loaded as a module."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "compare_outputs", REPO / "tools" / "compare_outputs.py"
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def finish(proc: subprocess.Popen, timeout: float = 900) -> str:
     out, _ = proc.communicate(timeout=timeout)
     return out

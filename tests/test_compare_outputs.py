@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import shutil
 import subprocess
@@ -12,15 +11,9 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
+from conftest import REPO, compare_outputs_tool
 
-SCRIPT = Path(__file__).resolve().parents[1] / "tools" / "compare_outputs.py"
-
-
-def _load():
-    spec = importlib.util.spec_from_file_location("compare_outputs", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+SCRIPT = REPO / "tools" / "compare_outputs.py"
 
 
 def _outputs(root: Path, run: str, when: str) -> Path:
@@ -44,7 +37,7 @@ RUN_B = "20261130-090000_00000000-1111-2222-3333-444444444444"
 
 
 def test_two_runs_that_differ_only_in_run_id_and_time_agree(tmp_path):
-    module = _load()
+    module = compare_outputs_tool()
     a = _outputs(tmp_path / "a", RUN_A, "2026-11-29T20:24:03+00:00")
     b = _outputs(tmp_path / "b", RUN_B, "2026-11-30 09:00:00 UTC")
     assert module.compare(a, b) == []
@@ -53,7 +46,7 @@ def test_two_runs_that_differ_only_in_run_id_and_time_agree(tmp_path):
 
 
 def test_every_kind_of_difference_is_named(tmp_path):
-    module = _load()
+    module = compare_outputs_tool()
     a = _outputs(tmp_path / "a", RUN_A, "2026-11-29T20:24:03+00:00")
     b = _outputs(tmp_path / "b", RUN_A, "2026-11-29T20:24:03+00:00")
     anat = b / "sub-01" / "anat"
@@ -76,7 +69,7 @@ def test_every_kind_of_difference_is_named(tmp_path):
 
 
 def test_participant_label_compares_one_subject_of_a_larger_run(tmp_path):
-    module = _load()
+    module = compare_outputs_tool()
     a = _outputs(tmp_path / "a", RUN_A, "2026-11-29T20:24:03+00:00")
     b = _outputs(tmp_path / "b", RUN_A, "2026-11-29T20:24:03+00:00")
     shutil.copytree(b / "sub-01", b / "sub-02")

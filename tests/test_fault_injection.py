@@ -27,7 +27,6 @@ one run per point rather than two (about 3 minutes in all on 2 busy CPUs).
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import resource
 import signal
@@ -37,7 +36,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import REPO
+from conftest import compare_outputs_tool
 
 from hsf_bids.errors import EX_CANTCREAT, EX_OK, EX_TERMINATED
 from hsf_bids.faults import FAULT_ENV
@@ -76,16 +75,7 @@ FULL_DISK_POINTS = [
 ]
 
 
-def _masking():  # noqa: ANN202 - tools/compare_outputs.py's mask
-    spec = importlib.util.spec_from_file_location(
-        "compare_outputs", REPO / "tools" / "compare_outputs.py"
-    )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.mask
-
-
-mask = _masking()
+mask = compare_outputs_tool().mask
 
 
 class Run:

@@ -10,7 +10,6 @@ and the failed ones resubmitted from the app's own failure table.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import shutil
@@ -25,7 +24,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-from conftest import require
+from conftest import compare_outputs_tool, require
 
 from hsf_bids.bids import validate_dataset
 
@@ -240,15 +239,6 @@ def cluster() -> Iterator[Cluster]:
 # ds-mini through the example scripts
 
 
-def _compare():  # noqa: ANN202 - tools/compare_outputs.py's compare
-    spec = importlib.util.spec_from_file_location(
-        "compare_outputs", REPO / "tools" / "compare_outputs.py"
-    )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.compare
-
-
 def _submit(
     cluster: Cluster, script: str, *args: str | Path, env: dict[str, str]
 ) -> tuple[str, str]:
@@ -354,6 +344,6 @@ def test_dataset_on_slurm(cluster, ds_mini, fast_hub, templateflow_home, tmp_pat
     assert _tasks(cluster, array3) == {"1": "COMPLETED"}, cluster.logs()
     assert _state(cluster, group3) == "COMPLETED", cluster.logs()
     assert pd.read_csv(second / "group_failures.tsv", sep="\t").empty
-    assert _compare()(out, second, ["01", "02"]) == []
+    assert compare_outputs_tool().compare(out, second, ["01", "02"]) == []
     errors, _ = validate_dataset(second)
     assert not errors, errors
