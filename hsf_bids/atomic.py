@@ -43,6 +43,7 @@ __all__ = [
     "atomic_file",
     "atomic_files",
     "holds_lock",
+    "host_tag",
     "lock_if_abandoned",
     "owner_tag",
     "remove_abandoned",
@@ -61,7 +62,8 @@ def owner_tag() -> str:
     return f"{re.sub(r'[^A-Za-z0-9_]', '_', host)[:40]}.{os.getpid()}"
 
 
-def _host() -> str:
+def host_tag() -> str:
+    """The host part of :func:`owner_tag`: whose temporary files this machine may remove."""
     return owner_tag().rsplit(".", 1)[0]
 
 
@@ -102,7 +104,7 @@ def remove_abandoned(folder: Path) -> list[Path]:
     if key in _cleared:
         return []
     _cleared.add(key)
-    host, removed = _host(), []
+    host, removed = host_tag(), []
     try:
         entries = list(os.scandir(folder))
     except OSError:

@@ -34,7 +34,7 @@ from collections.abc import MutableMapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from hsf_bids.atomic import holds_lock, lock_if_abandoned, owner_tag
+from hsf_bids.atomic import holds_lock, host_tag, lock_if_abandoned, owner_tag
 from hsf_bids.errors import EX_CANTCREAT, HsfBidsError
 
 __all__ = [
@@ -108,7 +108,7 @@ def remove_abandoned_folders(base: str | os.PathLike[str]) -> list[Path]:
     """Remove the private folders in ``base`` of this machine's runs that have ended (killed
     before they could remove them); returns them. A folder without a lock file (a process
     killed in the instant between making it and locking it) is left alone."""
-    host = owner_tag().rsplit(".", 1)[0]
+    host = host_tag()
     removed = []
     for folder in Path(base).glob(f"{PREFIX}{host}.*-*"):
         if folder in _private or folder.is_symlink() or not folder.is_dir():
